@@ -1,0 +1,137 @@
+"""The counselor's REST API (the console uses it, and so can any client)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from helpline.api.deps import body_doc, core_of, principal, read_json
+from helpline.api.errors import responses
+from helpline.domain import counselors as cs
+from helpline.domain.auth import Principal
+
+Caller = Annotated[Principal, Depends(principal)]
+router = APIRouter(tags=["counselor"])
+
+
+class PresenceIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    status: Literal["available", "paused", "offline"]
+    reason: StrictStr | None = Field(None, max_length=128)
+
+
+class ReplyIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: StrictStr = Field(min_length=1, max_length=20000)
+
+
+class CloseIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    reason: StrictStr | None = Field(None, max_length=64)
+
+
+class TransferIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    counselor: StrictStr | None = Field(None, max_length=150)
+    site: StrictStr | None = Field(None, max_length=32)
+
+
+ERR = responses(401, 403, 404, 409, 503)
+BODY_ERR = responses(400, 401, 403, 404, 409, 413, 415, 422, 503)
+
+
+async def _optional_body(request: Request, model: type[CloseIn]) -> CloseIn:
+    if int(request.headers.get("content-length") or 0) > 0:
+        return await read_json(request, model)
+    return model()
+
+
+@router.get("/agents/me", responses=ERR, summary="Who I am, my presence and load")
+async def me(request: Request, who: Caller) -> dict[str, Any]:
+    return await cs.me(core_of(request), who)
+
+
+@router.put(
+    "/agents/me/presence",
+    openapi_extra=body_doc(PresenceIn),
+    responses=BODY_ERR,
+    summary="Join the queue (available), pause with a reason, or leave (offline)",
+)
+async def presence(request: Request, who: Caller) -> dict[str, Any]:
+    body = await read_json(request, PresenceIn)
+    return await cs.set_presence(core_of(request), who, body.status, body.reason)
+
+
+@router.get("/offers/", responses=ERR, summary="My pending offers")
+async def offers(request: Request, who: Caller) -> dict[str, Any]:
+    return await cs.list_offers(core_of(request), who)
+
+
+@router.post("/offers/{offer_id}/read", responses=ERR, summary="Read an offer: the conversation is mine")
+async def read_offer(request: Request, who: Caller, offer_id: int) -> dict[str, Any]:
+    return await cs.read_offer(core_of(request), who, offer_id)
+
+
+@router.post("/offers/{offer_id}/decline", responses=ERR, summary="Decline an offer (409 when it has lapsed)")
+async def decline_offer(request: Request, who: Caller, offer_id: int) -> dict[str, Any]:
+    return await cs.decline_offer(core_of(request), who, offer_id)
+
+
+@router.get("/conversations/", responses=ERR, summary="My open conversations (a supervisor: the site's)")
+async def conversations(
+    request: Request,
+    who: Caller,
+    status: Annotated[Literal["queued", "offered", "assigned", "closed"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    return await cs.list_conversations(core_of(request), who, status=status, limit=limit)
+
+
+@router.get("/conversations/{conversation_id}/messages/", responses=ERR, summary="A conversation's messages")
+async def messages(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
+    return await cs.conversation_messages(core_of(request), who, conversation_id)
+
+
+@router.post(
+    "/conversations/{conversation_id}/messages/",
+    status_code=201,
+    openapi_extra=body_doc(ReplyIn),
+    responses=BODY_ERR,
+    summary="Reply to the client",
+)
+async def reply(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
+    body = await read_json(request, ReplyIn)
+    return await cs.reply(core_of(request), who, conversation_id, body.text)
+
+
+@router.post(
+    "/conversations/{conversation_id}/read/",
+    responses=ERR,
+    summary="I have read the client's messages (RapidPro is told)",
+)
+async def mark_read(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
+    return await cs.mark_read(core_of(request), who, conversation_id)
+
+
+@router.post(
+    "/conversations/{conversation_id}/close/",
+    openapi_extra=body_doc(CloseIn),
+    responses=BODY_ERR,
+    summary="End the conversation (the chatbot is told)",
+)
+async def close(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
+    body = await _optional_body(request, CloseIn)
+    return await cs.close(core_of(request), who, conversation_id, body.reason)
+
+
+@router.post(
+    "/conversations/{conversation_id}/transfer/",
+    openapi_extra=body_doc(TransferIn),
+    responses=BODY_ERR,
+    summary="Hand the conversation to another counselor or site",
+)
+async def transfer(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
+    body = await read_json(request, TransferIn)
+    return await cs.transfer(core_of(request), who, conversation_id, counselor=body.counselor, site=body.site)

@@ -1,0 +1,76 @@
+"""What every route needs: the core, the caller, and a JSON body read with the documented errors."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from helpline.api.errors import ApiError, _fields_from_validation
+from helpline.domain.auth import Principal, authenticate
+from helpline.domain.core import Core
+from helpline.domain.errors import NotAuthenticated
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def core_of(request: Request) -> Core:
+    core: Core = request.app.state.core
+    return core
+
+
+def token_from_header(value: str | None) -> str:
+    if not value:
+        raise NotAuthenticated("missing Authorization header (Token <key>)")
+    scheme, _, key = value.partition(" ")
+    if scheme.lower() not in ("token", "bearer") or not key.strip():
+        raise NotAuthenticated("the Authorization header must be 'Token <key>'")
+    return key.strip()
+
+
+async def principal(request: Request) -> Principal:
+    """FastAPI dependency: the authenticated caller."""
+    return await authenticate(core_of(request), token_from_header(request.headers.get("authorization")))
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """Read and validate a JSON body: 415 not JSON, 413 too large, 400 malformed, 422 invalid."""
+    limit = core_of(request).settings.max_body_bytes
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(415, f"the body must be application/json, not {ctype}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        data: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(422, "the body must be a JSON object", fields={"__root__": ["expected an object"]})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "the body is not valid", fields=_fields_from_validation(exc.errors())) from exc
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON request body read by :func:`read_json`."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
+            },
+        }
+    }

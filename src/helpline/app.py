@@ -1,0 +1,78 @@
+"""The ASGI application: routes, error handling and the background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from helpline.api import counselors, errors, openchs, ws
+from helpline.delivery.outbox import OutboxWorker
+from helpline.delivery.rapidpro import RapidProClient
+from helpline.domain.core import Core
+from helpline.domain.sites import SiteRegistry
+from helpline.routing.hunt import Hunter
+from helpline.settings import Settings
+from helpline.store.migrate import upgrade
+
+CHATBOT_PREFIXES = ("/api", "/open/api", "/sites/{site}/api", "/sites/{site}/open/api")
+
+
+def create_app(
+    settings: Settings | None = None, sites: SiteRegistry | None = None, *, run_workers: bool = True
+) -> FastAPI:
+    settings = settings or Settings()
+    sites = sites or SiteRegistry.from_toml(settings.sites)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        core = Core(settings, sites)
+        await upgrade(core.engine)
+        app.state.core = core
+        tasks: list[asyncio.Task[Any]] = []
+        client = RapidProClient()
+        if run_workers:
+            tasks = [
+                asyncio.create_task(Hunter(core).run(), name="hunter"),
+                asyncio.create_task(OutboxWorker(core, client).run(), name="outbox"),
+            ]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await client.aclose()
+            await core.close()
+
+    app = FastAPI(
+        title="helpline",
+        version="0.1.0",
+        summary="Bridges a chatbot platform (Weni/RapidPro) to child-helpline counselors (OpenCHS).",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for prefix in CHATBOT_PREFIXES:
+        app.include_router(openchs.router, prefix=prefix, include_in_schema=prefix in ("/api", "/sites/{site}/api"))
+    app.include_router(counselors.router, prefix="/api")
+    app.include_router(ws.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses=errors.responses(503))
+    async def readyz() -> dict[str, str]:
+        core: Core = app.state.core
+        async with core.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return {"status": "ready"}
+
+    return app

@@ -1,0 +1,234 @@
+"""The durable outbox: events owed to RapidPro, written in the caller's transaction, sent in order.
+
+A conversation's events go out one at a time, oldest first: the next is only tried after the
+previous one got its 201 (or was dead-lettered). Different conversations go out concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+
+import structlog
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.orm import aliased
+
+from helpline.delivery.rapidpro import (
+    PART_LIMIT,
+    Outcome,
+    RapidProClient,
+    backoff_delay,
+    build_flow_start,
+    contact_target,
+    split_text,
+)
+from helpline.domain.core import Core, Tx, now
+from helpline.domain.sites import Site
+from helpline.store.models import Conversation, Message, OutboxEvent
+
+log = structlog.get_logger("helpline.outbox")
+
+LEASE_S = 120.0
+
+
+def _add(tx: Tx, site: Site, conv: Conversation, event: str, params: dict[str, str], message_ref: int | None) -> None:
+    target = contact_target(
+        site.rapidpro, contact_urn=conv.contact_urn, contact_uuid=conv.contact_uuid, client_id=conv.client_id
+    )
+    body = build_flow_start(site.rapidpro, target, {"event": event, "conversation_id": conv.chat_session, **params})
+    t = now()
+    tx.session.add(
+        OutboxEvent(
+            conversation_id=conv.id,
+            site=site.slug,
+            target="rapidpro",
+            event=event,
+            message_ref=message_ref,
+            payload=json.dumps(body, ensure_ascii=False),
+            status="pending",
+            attempts=0,
+            next_attempt_at=t,
+            claimed_until=0.0,
+            created_at=t,
+        )
+    )
+    tx.wake_outbox = True
+
+
+def enqueue_event(tx: Tx, site: Site, conv: Conversation, event: str, **params: str) -> None:
+    """Queue one event (``ack``, ``queued``, ``assigned``, ``closed`` …) for the conversation's contact."""
+    _add(tx, site, conv, event, {k: v[:PART_LIMIT] for k, v in params.items()}, None)
+
+
+def enqueue_message(tx: Tx, site: Site, conv: Conversation, message: Message, counselor_name: str) -> None:
+    """Queue a counselor message; a text over RapidPro's 640 characters goes as ordered parts."""
+    parts = split_text(message.text)
+    for i, part in enumerate(parts, start=1):
+        params = {"message_id": message.external_id, "text": part, "counselor_name": counselor_name}
+        if len(parts) > 1:
+            params |= {"part": str(i), "parts": str(len(parts))}
+        _add(tx, site, conv, "message", params, message.id)
+
+
+class OutboxWorker:
+    """Claims due heads of conversations' queues and sends them; retries with backoff."""
+
+    def __init__(self, core: Core, client: RapidProClient | None = None) -> None:
+        self.core = core
+        self.client = client or RapidProClient()
+        self._rng = random.Random()
+
+    async def run(self) -> None:
+        s = self.core.settings
+        while True:
+            try:
+                batch = await self._claim(s.outbox_concurrency)
+            except Exception:
+                log.exception("outbox claim failed")
+                batch = []
+            if batch:
+                await asyncio.gather(*(self._deliver(e) for e in batch))
+                continue
+            wait = min(s.poll_interval_s, await self._until_next_due())
+            self.core.outbox_wakeup.clear()
+            try:
+                await asyncio.wait_for(self.core.outbox_wakeup.wait(), timeout=max(0.0, wait))
+            except TimeoutError:
+                pass
+
+    async def _until_next_due(self) -> float:
+        try:
+            async with self.core.sessionmaker() as session:
+                nxt = await session.scalar(
+                    select(func.min(OutboxEvent.next_attempt_at)).where(OutboxEvent.status == "pending")
+                )
+        except Exception:
+            return self.core.settings.poll_interval_s
+        return self.core.settings.poll_interval_s if nxt is None else nxt - now()
+
+    async def _claim(self, limit: int) -> Sequence[OutboxEvent]:
+        t = now()
+        earlier = aliased(OutboxEvent)
+        async with self.core.tx() as tx:
+            rows = (
+                await tx.session.scalars(
+                    select(OutboxEvent)
+                    .where(
+                        OutboxEvent.status == "pending",
+                        OutboxEvent.next_attempt_at <= t,
+                        OutboxEvent.claimed_until < t,
+                        ~exists().where(
+                            and_(
+                                earlier.conversation_id == OutboxEvent.conversation_id,
+                                earlier.status == "pending",
+                                earlier.id < OutboxEvent.id,
+                            )
+                        ),
+                    )
+                    .order_by(OutboxEvent.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            for r in rows:
+                r.claimed_until = t + LEASE_S
+            return rows
+
+    async def _deliver(self, ev: OutboxEvent) -> None:
+        site = self.core.sites.get(ev.site)
+        if site is None:
+            outcome = Outcome("dead", f"site {ev.site!r} is no longer configured")
+        else:
+            outcome = await self.client.send(site.rapidpro, json.loads(ev.payload))
+        try:
+            await self._record(ev, outcome)
+        except Exception:
+            # The lease runs out and the event is tried again: at least once, never lost.
+            log.exception("outbox record failed", outbox_id=ev.id)
+
+    async def _record(self, ev: OutboxEvent, outcome: Outcome) -> None:
+        s = self.core.settings
+        t = now()
+        async with self.core.tx() as tx:
+            row = await tx.session.get(OutboxEvent, ev.id, with_for_update=True)
+            if row is None or row.status != "pending":
+                return
+            row.attempts += 1
+            row.claimed_until = 0.0
+            if outcome.kind == "retry" and s.outbox_max_attempts and row.attempts >= s.outbox_max_attempts:
+                outcome = Outcome("dead", f"gave up after {row.attempts} attempts: {outcome.reason}")
+            if outcome.kind == "sent":
+                row.status = "sent"
+                row.sent_at = t
+                row.last_error = None
+            elif outcome.kind == "retry":
+                delay = backoff_delay(
+                    row.attempts,
+                    base=s.outbox_backoff_base_s,
+                    cap=s.outbox_backoff_cap_s,
+                    retry_after=outcome.retry_after,
+                    rng=self._rng,
+                )
+                row.next_attempt_at = t + delay
+                row.last_error = outcome.reason
+                log.info(
+                    "outbox retry",
+                    outbox_id=row.id,
+                    attempts=row.attempts,
+                    delay=round(delay, 3),
+                    reason=outcome.reason,
+                )
+                return
+            else:
+                row.status = "dead"
+                row.last_error = outcome.reason
+                log.warning("outbox dead letter", outbox_id=row.id, event=row.event, reason=outcome.reason)
+            if row.message_ref is not None:
+                await _update_message_status(tx, row)
+            tx.wake_outbox = True
+
+
+async def _update_message_status(tx: Tx, row: OutboxEvent) -> None:
+    """A counselor message is ``sent`` once all its parts are, ``failed`` if one is dead."""
+    msg = await tx.session.get(Message, row.message_ref)
+    if msg is None or msg.status not in ("pending", "sent"):
+        return
+    if row.status == "dead":
+        new = "failed"
+    else:
+        left = await tx.session.scalar(
+            select(func.count()).where(
+                OutboxEvent.message_ref == row.message_ref,
+                OutboxEvent.status == "pending",
+                OutboxEvent.id != row.id,
+            )
+        )
+        if left:
+            return
+        new = "sent"
+    if msg.status == new:
+        return
+    msg.status = new
+    msg.status_at = now()
+    if msg.counselor_id is not None:
+        tx.notify(
+            msg.counselor_id,
+            "message_status",
+            conversation_id=msg.conversation_id,
+            message_id=msg.external_id,
+            status=new,
+        )
+
+
+async def replay_dead(core: Core, outbox_id: int) -> bool:
+    """Put a dead letter back in line (a supervisor's replay)."""
+    async with core.tx() as tx:
+        result = await tx.session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.id == outbox_id, OutboxEvent.status == "dead")
+            .values(status="pending", next_attempt_at=now(), claimed_until=0.0, attempts=0)
+        )
+        tx.wake_outbox = True
+        return bool(result.rowcount)  # type: ignore[attr-defined]

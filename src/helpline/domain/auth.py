@@ -1,0 +1,166 @@
+"""Users, roles, passwords and time-bound API tokens (stored as SHA-256 hashes)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pwdlib import PasswordHash
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from helpline.domain.core import Core, now
+from helpline.domain.errors import Conflict, Invalid, NotAuthenticated, PermissionDenied, RateLimited
+from helpline.store.models import ApiToken, LoginFailure, User
+
+ALL_SITES = "*"
+
+
+class Role(StrEnum):
+    CHATBOT = "chatbot"
+    COUNSELOR = "counselor"
+    SUPERVISOR = "supervisor"
+    ADMIN = "admin"
+
+
+_hasher = PasswordHash.recommended()
+# Verified against when the username is unknown, so both paths cost the same time.
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of one request."""
+
+    id: int
+    username: str
+    role: Role
+    site: str
+    name: str
+
+    def may_use_site(self, slug: str) -> bool:
+        return self.role == Role.ADMIN or self.site in (ALL_SITES, slug)
+
+    def require_role(self, *roles: Role) -> None:
+        if self.role not in roles:
+            allowed = ", ".join(r.value for r in roles)
+            raise PermissionDenied(f"this call is for the role(s) {allowed}, not {self.role.value}")
+
+    def require_site(self, slug: str) -> None:
+        if not self.may_use_site(slug):
+            raise PermissionDenied(f"this account may not act for site {slug!r}")
+
+
+def _principal(user: User) -> Principal:
+    return Principal(user.id, user.username, Role(user.role), user.site, user.name)
+
+
+async def create_user(
+    core: Core,
+    *,
+    username: str,
+    password: str,
+    role: Role,
+    site: str | None = None,
+    name: str | None = None,
+) -> Principal:
+    if not username or len(username) > 150:
+        raise Invalid("username must be 1..150 characters")
+    if len(password) < 8:
+        raise Invalid("password must be at least 8 characters")
+    slug = site or core.sites.default.slug
+    if slug != ALL_SITES and core.sites.get(slug) is None:
+        raise Invalid(f"unknown site {slug!r}")
+    async with core.tx() as tx:
+        exists = await tx.session.scalar(select(User.id).where(User.username == username))
+        if exists is not None:
+            raise Conflict(f"user {username!r} exists already")
+        user = User(
+            username=username,
+            password_hash=_hasher.hash(password),
+            role=role.value,
+            site=slug,
+            name=name or username,
+            active=True,
+            created_at=now(),
+        )
+        tx.session.add(user)
+        await tx.session.flush()
+        return _principal(user)
+
+
+async def _check_rate(session: AsyncSession, core: Core, keys: list[str], t: float) -> None:
+    window = core.settings.login_window_s
+    for key in keys:
+        count, oldest = (
+            await session.execute(
+                select(func.count(), func.min(LoginFailure.at)).where(
+                    LoginFailure.key == key, LoginFailure.at > t - window
+                )
+            )
+        ).one()
+        if count >= core.settings.login_max_failures:
+            raise RateLimited(
+                "too many failed login attempts; try again later",
+                retry_after=max(1.0, float(oldest) + window - t),
+            )
+
+
+async def issue_token(core: Core, *, username: str, password: str, address: str) -> tuple[str, float]:
+    """Check the credentials and return ``(token, expires_at)``; the token itself is never stored."""
+    t = now()
+    keys = [f"user:{username}", f"addr:{address}"]
+    async with core.tx() as tx:
+        await _check_rate(tx.session, core, keys, t)
+        user = await tx.session.scalar(select(User).where(User.username == username))
+    # Hash checks are slow: done outside the transaction so they hold no lock.
+    ok = _hasher.verify(password, user.password_hash if user else _DUMMY_HASH)
+    async with core.tx() as tx:
+        if not ok or user is None or not user.active:
+            tx.session.add_all([LoginFailure(key=k, at=t) for k in keys])
+            await tx.session.execute(delete(LoginFailure).where(LoginFailure.at <= t - core.settings.login_window_s))
+        else:
+            await tx.session.execute(delete(LoginFailure).where(LoginFailure.key == keys[0]))
+            token = secrets.token_hex(20)
+            expires_at = t + core.settings.token_ttl_s
+            tx.session.add(ApiToken(key_hash=hash_token(token), user_id=user.id, created_at=t, expires_at=expires_at))
+            return token, expires_at
+    raise NotAuthenticated("invalid username or password")
+
+
+async def authenticate(core: Core, token: str) -> Principal:
+    if len(token) != 40 or any(c not in "0123456789abcdef" for c in token):
+        raise NotAuthenticated("invalid token")
+    async with core.sessionmaker() as session:
+        row = (
+            await session.execute(
+                select(ApiToken, User)
+                .join(User, User.id == ApiToken.user_id)
+                .where(ApiToken.key_hash == hash_token(token))
+            )
+        ).first()
+    if row is None:
+        raise NotAuthenticated("invalid token")
+    tok, user = row
+    if tok.revoked_at is not None:
+        raise NotAuthenticated("token revoked")
+    if tok.expires_at <= now():
+        raise NotAuthenticated("token expired")
+    if not user.active:
+        raise NotAuthenticated("account disabled")
+    return _principal(user)
+
+
+async def revoke_token(core: Core, token: str) -> bool:
+    async with core.tx() as tx:
+        tok = await tx.session.scalar(select(ApiToken).where(ApiToken.key_hash == hash_token(token)))
+        if tok is None or tok.revoked_at is not None:
+            return False
+        tok.revoked_at = now()
+        return True

@@ -1,0 +1,305 @@
+"""The chatbot's side of a conversation: post a message, close, acknowledge, list."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import IntegrityError
+
+from helpline.domain.auth import Principal, Role
+from helpline.domain.core import Core, Tx, now
+from helpline.domain.errors import Conflict, Invalid, NotFound
+from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
+from helpline.domain.views import conversation_view, iso, message_view
+from helpline.store.models import Conversation, IdempotencyKey, Message, Offer, User
+
+# Order of a counselor message's delivery as the chatbot reports it; it never goes backwards.
+_OUT_RANK = {"pending": 0, "sent": 1, "delivered": 2, "read": 3}
+
+
+@dataclass(frozen=True)
+class ChatIn:
+    chat_sender: str
+    chat_message: str
+    chat_session: str
+    chat_source: str
+    chat_receiver: str | None = None
+    message_id: str | None = None
+    client_name: str | None = None
+    location: str | None = None
+    risk: Risk | None = None
+    contact_urn: str | None = None
+    contact_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    created: bool  # False: an idempotent repeat, answered 200 with the first answer
+    body: dict[str, Any]
+
+
+async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
+    who.require_role(Role.CHATBOT, Role.ADMIN)
+    try:
+        return await _post_chat(core, who, msg, path_site=path_site)
+    except IntegrityError:
+        # A concurrent request with the same message_id or chat_session won the race: its row is
+        # committed now, so the second try finds it (a repeat, or the conversation to add to).
+        return await _post_chat(core, who, msg, path_site=path_site)
+
+
+async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
+    t = now()
+    async with core.tx() as tx:
+        s = tx.session
+        if msg.message_id is not None:
+            first = await s.scalar(
+                select(IdempotencyKey.response).where(
+                    IdempotencyKey.chatbot_id == who.id, IdempotencyKey.message_id == msg.message_id
+                )
+            )
+            if first is not None:
+                return Answer(False, json.loads(first))
+        conv = await s.scalar(
+            select(Conversation)
+            .where(Conversation.chatbot_id == who.id, Conversation.chat_session == msg.chat_session)
+            .with_for_update()
+        )
+        created = conv is None
+        if conv is None:
+            site = core.sites.choose(path_slug=path_site, location=msg.location)
+            if site is None:
+                raise NotFound(f"unknown site {path_site!r}")
+            who.require_site(site.slug)
+            risk = msg.risk or Risk.LOW
+            conv = Conversation(
+                id=str(uuid.uuid4()),
+                site=site.slug,
+                chatbot_id=who.id,
+                chat_session=msg.chat_session,
+                source=msg.chat_source,
+                client_id=msg.chat_sender,
+                client_name=msg.client_name or f"Client {msg.chat_sender[-4:]}",
+                contact_urn=msg.contact_urn,
+                contact_uuid=msg.contact_uuid,
+                location=(msg.location or "").upper() or None,
+                risk=risk.value,
+                risk_rank=risk.rank,
+                status=ConversationStatus.QUEUED.value,
+                created_at=t,
+                queued_at=t,
+            )
+            s.add(conv)
+            tx.wake_hunter = True
+        else:
+            if path_site is not None and path_site != conv.site:
+                raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
+            if conv.status == ConversationStatus.CLOSED:
+                raise Conflict(f"conversation {msg.chat_session!r} is closed")
+            _refresh_contact(conv, msg)
+        delivery = "delivered" if conv.status == ConversationStatus.ASSIGNED else "queued"
+        m = Message(
+            uuid=str(uuid.uuid4()),
+            conversation_id=conv.id,
+            direction="in",
+            external_id=msg.message_id or str(uuid.uuid4()),
+            text=msg.chat_message,
+            status=delivery,
+            created_at=t,
+            status_at=t,
+        )
+        s.add(m)
+        await s.flush()
+        body = {
+            "status": "success",
+            "uuid": m.uuid,
+            "chat_session": conv.chat_session,
+            "message_id": m.external_id,
+            "delivery": delivery,
+            "created": created,
+        }
+        if msg.message_id is not None:
+            s.add(
+                IdempotencyKey(
+                    chatbot_id=who.id,
+                    message_id=msg.message_id,
+                    conversation_id=conv.id,
+                    response=json.dumps(body),
+                    created_at=t,
+                )
+            )
+        if conv.status == ConversationStatus.ASSIGNED and conv.counselor_id is not None:
+            # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
+            tx.notify(conv.counselor_id, "message", message=message_view(m))
+        tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        return Answer(True, body)
+
+
+def _refresh_contact(conv: Conversation, msg: ChatIn) -> None:
+    if msg.contact_urn:
+        conv.contact_urn = msg.contact_urn
+    if msg.contact_uuid:
+        conv.contact_uuid = msg.contact_uuid
+    if msg.risk is not None and msg.risk.rank > conv.risk_rank:
+        conv.risk = msg.risk.value
+        conv.risk_rank = msg.risk.rank
+
+
+async def _chatbot_conversation(tx: Tx, who: Principal, chat_session: str, path_site: str | None) -> Conversation:
+    conv = await tx.session.scalar(
+        select(Conversation)
+        .where(Conversation.chatbot_id == who.id, Conversation.chat_session == chat_session)
+        .with_for_update()
+    )
+    if conv is None or (path_site is not None and conv.site != path_site):
+        raise NotFound(f"no conversation {chat_session!r}")
+    return conv
+
+
+async def close_conversation(
+    core: Core, tx: Tx, conv: Conversation, *, by: str, reason: str | None, by_user: int | None = None
+) -> None:
+    """Close and tell everyone concerned: pending offers withdrawn, the counselor told."""
+    conv.status = move_conversation(conv.status, ConversationStatus.CLOSED)
+    conv.closed_at = now()
+    conv.closed_by = by
+    conv.close_reason = reason
+    offers = (
+        await tx.session.scalars(
+            select(Offer).where(Offer.conversation_id == conv.id, Offer.status == OfferStatus.PENDING).with_for_update()
+        )
+    ).all()
+    for o in offers:
+        o.status = OfferStatus.WITHDRAWN
+        o.resolved_at = conv.closed_at
+        tx.notify(o.counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=conv.id, reason="closed")
+    if conv.counselor_id is not None:
+        tx.notify(
+            conv.counselor_id,
+            "conversation_closed",
+            conversation_id=conv.id,
+            closed_by=by,
+            reason=reason,
+        )
+    tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+    tx.wake_hunter = True
+
+
+async def close_chat(core: Core, who: Principal, chat_session: str, *, path_site: str | None) -> dict[str, Any]:
+    who.require_role(Role.CHATBOT, Role.ADMIN)
+    async with core.tx() as tx:
+        conv = await _chatbot_conversation(tx, who, chat_session, path_site)
+        already = conv.status == ConversationStatus.CLOSED
+        if not already:
+            await close_conversation(core, tx, conv, by="chatbot", reason="closed by chatbot")
+        return {
+            "status": "success",
+            "chat_session": chat_session,
+            "conversation_status": "closed",
+            "already_closed": already,
+            "closed_at": iso(conv.closed_at),
+        }
+
+
+async def ack_message(
+    core: Core, who: Principal, chat_session: str, message_id: str, status: str, *, path_site: str | None
+) -> dict[str, Any]:
+    """The chatbot says a counselor message reached the client (``delivered``, ``read``) or not."""
+    who.require_role(Role.CHATBOT, Role.ADMIN)
+    async with core.tx() as tx:
+        conv = await _chatbot_conversation(tx, who, chat_session, path_site)
+        m = await tx.session.scalar(
+            select(Message)
+            .where(Message.conversation_id == conv.id, Message.external_id == message_id, Message.direction == "out")
+            .with_for_update()
+        )
+        if m is None:
+            raise NotFound(f"no counselor message {message_id!r} in conversation {chat_session!r}")
+        changed = False
+        if status == "failed":
+            changed = m.status != "failed" and m.status != "read"
+        elif m.status == "failed":
+            changed = True  # it arrived after all
+        else:
+            changed = _OUT_RANK.get(status, 0) > _OUT_RANK.get(m.status, 0)
+        if changed:
+            m.status = status
+            m.status_at = now()
+            if m.counselor_id is not None:
+                tx.notify(
+                    m.counselor_id,
+                    "message_status",
+                    conversation_id=conv.id,
+                    message_id=m.external_id,
+                    status=status,
+                )
+        return {"status": "success", "chat_session": chat_session, "message_id": message_id, "delivery": m.status}
+
+
+def _encode_cursor(created_at: float, id_: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, id_]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, id_ = json.loads(raw)
+        return float(created_at), str(id_)
+    except (ValueError, TypeError) as exc:
+        raise Invalid("invalid cursor", fields={"cursor": ["invalid cursor"]}) from exc
+
+
+async def list_chats(
+    core: Core,
+    who: Principal,
+    *,
+    path_site: str | None,
+    limit: int,
+    cursor: str | None,
+    chat_session: str | None,
+    status: str | None,
+) -> dict[str, Any]:
+    who.require_role(Role.CHATBOT, Role.ADMIN)
+    q = select(Conversation).where(Conversation.chatbot_id == who.id)
+    if path_site is not None:
+        q = q.where(Conversation.site == path_site)
+    if chat_session is not None:
+        q = q.where(Conversation.chat_session == chat_session)
+    if status is not None:
+        q = q.where(Conversation.status == status)
+    if cursor:
+        c_at, c_id = _decode_cursor(cursor)
+        q = q.where(tuple_(Conversation.created_at, Conversation.id) < tuple_(c_at, c_id))
+    q = q.order_by(Conversation.created_at.desc(), Conversation.id.desc()).limit(limit + 1)
+    async with core.sessionmaker() as s:
+        rows = (await s.scalars(q)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "results": [conversation_view(c) for c in rows],
+        "next_cursor": _encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
+    }
+
+
+async def list_chat_messages(core: Core, who: Principal, chat_session: str, *, path_site: str | None) -> dict[str, Any]:
+    who.require_role(Role.CHATBOT, Role.ADMIN)
+    async with core.tx() as tx:
+        conv = await _chatbot_conversation(tx, who, chat_session, path_site)
+        rows = (
+            await tx.session.execute(
+                select(Message, User.name)
+                .outerjoin(User, User.id == Message.counselor_id)
+                .where(Message.conversation_id == conv.id)
+                .order_by(Message.id)
+            )
+        ).all()
+    return {
+        "chat_session": chat_session,
+        "conversation_status": conv.status,
+        "results": [message_view(m, counselor_name=name) for m, name in rows],
+    }

@@ -1,0 +1,339 @@
+"""The counselor's side: presence, offers, replies, reading, closing and transfers."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+
+from helpline.delivery.outbox import enqueue_event, enqueue_message
+from helpline.domain.auth import Principal, Role
+from helpline.domain.conversations import close_conversation
+from helpline.domain.core import Core, Tx, now
+from helpline.domain.errors import Conflict, Invalid, NotFound
+from helpline.domain.offers import make_offer, requeue_if_unoffered
+from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
+from helpline.domain.views import conversation_view, iso, message_view, offer_view
+from helpline.store.models import Agent, Conversation, Message, Offer, User
+
+PRESENCE = ("available", "paused", "offline")
+STAFF = (Role.COUNSELOR, Role.SUPERVISOR, Role.ADMIN)
+
+
+async def _agent(tx: Tx, who: Principal) -> Agent:
+    agent = await tx.session.get(Agent, who.id, with_for_update=True)
+    if agent is None:
+        agent = Agent(
+            user_id=who.id,
+            site=who.site,
+            status="offline",
+            since=now(),
+            last_offer_at=0.0,
+            last_assigned_at=0.0,
+            wrapup_until=0.0,
+        )
+        tx.session.add(agent)
+    return agent
+
+
+def presence_view(agent: Agent | None) -> dict[str, Any]:
+    if agent is None:
+        return {"status": "offline", "reason": None, "since": None, "wrapup_until": None}
+    return {
+        "status": agent.status,
+        "reason": agent.reason,
+        "since": iso(agent.since),
+        "wrapup_until": iso(agent.wrapup_until) if agent.wrapup_until > now() else None,
+    }
+
+
+async def me(core: Core, who: Principal) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    async with core.sessionmaker() as s:
+        agent = await s.get(Agent, who.id)
+        active = await s.scalar(
+            select(func.count()).where(
+                Conversation.counselor_id == who.id, Conversation.status == ConversationStatus.ASSIGNED
+            )
+        )
+    site = core.sites.get(who.site)
+    return {
+        "id": who.id,
+        "username": who.username,
+        "name": who.name,
+        "role": who.role.value,
+        "site": who.site,
+        "site_name": site.name if site else None,
+        "presence": presence_view(agent),
+        "active_conversations": active or 0,
+        "max_conversations": site.routing.max_chats_per_counselor if site else None,
+    }
+
+
+async def set_presence(core: Core, who: Principal, status: str, reason: str | None) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    if status not in PRESENCE:
+        raise Invalid("status must be available, paused or offline", fields={"status": ["invalid choice"]})
+    async with core.tx() as tx:
+        agent = await _agent(tx, who)
+        agent.status = status
+        agent.reason = reason if status != "available" else None
+        agent.since = now()
+        if status == "offline":
+            await _withdraw_offers_of(tx, who.id, reason="offline")
+        tx.wake_hunter = True
+        view = presence_view(agent)
+        tx.notify(who.id, "presence", presence=view)
+        tx.notify_site(agent.site, "presence", counselor_id=who.id, name=who.name, presence=view)
+        return view
+
+
+async def _withdraw_offers_of(tx: Tx, counselor_id: int, *, reason: str) -> None:
+    offers = (
+        await tx.session.scalars(
+            select(Offer)
+            .where(Offer.counselor_id == counselor_id, Offer.status == OfferStatus.PENDING)
+            .with_for_update()
+        )
+    ).all()
+    for o in offers:
+        o.status = move_offer(o.status, OfferStatus.WITHDRAWN)
+        o.resolved_at = now()
+        tx.notify(counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=o.conversation_id, reason=reason)
+        await requeue_if_unoffered(tx, o.conversation_id)
+
+
+async def list_offers(core: Core, who: Principal) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    async with core.sessionmaker() as s:
+        rows = (
+            await s.execute(
+                select(Offer, Conversation)
+                .join(Conversation, Conversation.id == Offer.conversation_id)
+                .where(Offer.counselor_id == who.id, Offer.status == OfferStatus.PENDING)
+                .order_by(Offer.id)
+            )
+        ).all()
+    return {"results": [offer_view(o, c) for o, c in rows]}
+
+
+async def _my_offer(tx: Tx, who: Principal, offer_id: int) -> Offer:
+    offer = await tx.session.get(Offer, offer_id, with_for_update=True)
+    if offer is None or offer.counselor_id != who.id:
+        raise NotFound(f"no offer {offer_id}")
+    if offer.status == OfferStatus.PENDING and offer.deadline <= now():
+        raise Conflict("the offer has lapsed")
+    if offer.status != OfferStatus.PENDING:
+        raise Conflict(
+            f"the offer is {offer.status}" if offer.status != OfferStatus.TIMED_OUT else "the offer has lapsed"
+        )
+    return offer
+
+
+async def read_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any]:
+    """Reading an offer assigns the conversation; the client's messages become delivered."""
+    who.require_role(*STAFF)
+    async with core.tx() as tx:
+        offer = await _my_offer(tx, who, offer_id)
+        conv = await tx.session.get(Conversation, offer.conversation_id, with_for_update=True)
+        assert conv is not None
+        t = now()
+        offer.status = move_offer(offer.status, OfferStatus.READ)
+        offer.resolved_at = t
+        conv.status = move_conversation(conv.status, ConversationStatus.ASSIGNED)
+        conv.counselor_id = who.id
+        conv.assigned_at = t
+        agent = await _agent(tx, who)
+        agent.last_assigned_at = t
+        others = (
+            await tx.session.scalars(
+                select(Offer)
+                .where(Offer.conversation_id == conv.id, Offer.status == OfferStatus.PENDING, Offer.id != offer.id)
+                .with_for_update()
+            )
+        ).all()
+        for o in others:  # ringall: the first to read wins
+            o.status = move_offer(o.status, OfferStatus.WITHDRAWN)
+            o.resolved_at = t
+            tx.notify(o.counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=conv.id, reason="taken")
+        site = core.site(conv.site)
+        enqueue_event(tx, site, conv, "assigned", counselor_name=who.name)
+        waiting = (
+            await tx.session.scalars(
+                select(Message)
+                .where(Message.conversation_id == conv.id, Message.direction == "in", Message.status == "queued")
+                .order_by(Message.id)
+            )
+        ).all()
+        for m in waiting:
+            m.status = "delivered"
+            m.status_at = t
+            enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="delivered")
+        tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        messages = await _messages(tx, conv.id)
+        return {"offer": offer_view(offer, conv), "conversation": conversation_view(conv), "messages": messages}
+
+
+async def decline_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    async with core.tx() as tx:
+        offer = await _my_offer(tx, who, offer_id)
+        offer.status = move_offer(offer.status, OfferStatus.DECLINED)
+        offer.resolved_at = now()
+        await requeue_if_unoffered(tx, offer.conversation_id)
+        tx.wake_hunter = True
+        return {"id": offer.id, "status": offer.status}
+
+
+async def _messages(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
+    rows = (
+        await tx.session.execute(
+            select(Message, User.name)
+            .outerjoin(User, User.id == Message.counselor_id)
+            .where(Message.conversation_id == conversation_id)
+            .order_by(Message.id)
+        )
+    ).all()
+    return [message_view(m, counselor_name=name) for m, name in rows]
+
+
+async def _visible_conversation(tx: Tx, who: Principal, conversation_id: str, *, lock: bool = False) -> Conversation:
+    """A counselor sees the conversations assigned to them; a supervisor those of their site."""
+    conv = await tx.session.get(Conversation, conversation_id, with_for_update=lock)
+    if conv is None:
+        raise NotFound(f"no conversation {conversation_id}")
+    if who.role == Role.COUNSELOR and conv.counselor_id != who.id:
+        raise NotFound(f"no conversation {conversation_id}")
+    if who.role == Role.SUPERVISOR and not who.may_use_site(conv.site):
+        raise NotFound(f"no conversation {conversation_id}")
+    return conv
+
+
+async def _assigned_to_me(tx: Tx, who: Principal, conversation_id: str) -> Conversation:
+    conv = await _visible_conversation(tx, who, conversation_id, lock=True)
+    if conv.status == ConversationStatus.CLOSED:
+        raise Conflict("the conversation is closed")
+    if conv.counselor_id != who.id:
+        raise Conflict("the conversation is not assigned to you")
+    return conv
+
+
+async def list_conversations(core: Core, who: Principal, *, status: str | None, limit: int) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    q = select(Conversation)
+    if who.role == Role.COUNSELOR:
+        q = q.where(Conversation.counselor_id == who.id)
+    elif who.role == Role.SUPERVISOR and who.site != "*":
+        q = q.where(Conversation.site == who.site)
+    if status is not None:
+        q = q.where(Conversation.status == status)
+    else:
+        q = q.where(Conversation.status != ConversationStatus.CLOSED)
+    q = q.order_by(Conversation.created_at.desc()).limit(limit)
+    async with core.sessionmaker() as s:
+        rows = (await s.scalars(q)).all()
+    return {"results": [conversation_view(c) for c in rows]}
+
+
+async def conversation_messages(core: Core, who: Principal, conversation_id: str) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    async with core.tx() as tx:
+        conv = await _visible_conversation(tx, who, conversation_id)
+        return {"conversation": conversation_view(conv), "results": await _messages(tx, conv.id)}
+
+
+async def reply(core: Core, who: Principal, conversation_id: str, text: str) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    async with core.tx() as tx:
+        conv = await _assigned_to_me(tx, who, conversation_id)
+        t = now()
+        m = Message(
+            uuid=str(uuid.uuid4()),
+            conversation_id=conv.id,
+            direction="out",
+            external_id=str(uuid.uuid4()),
+            text=text,
+            status="pending",
+            counselor_id=who.id,
+            created_at=t,
+            status_at=t,
+        )
+        tx.session.add(m)
+        await tx.session.flush()
+        enqueue_message(tx, core.site(conv.site), conv, m, who.name)
+        view = message_view(m, counselor_name=who.name)
+        tx.notify(who.id, "message", message=view)
+        return view
+
+
+async def mark_read(core: Core, who: Principal, conversation_id: str) -> dict[str, Any]:
+    """The counselor has read the client's messages: they become ``read`` and RapidPro is told."""
+    who.require_role(*STAFF)
+    async with core.tx() as tx:
+        conv = await _assigned_to_me(tx, who, conversation_id)
+        unread = (
+            await tx.session.scalars(
+                select(Message)
+                .where(Message.conversation_id == conv.id, Message.direction == "in", Message.status != "read")
+                .order_by(Message.id)
+            )
+        ).all()
+        t = now()
+        site = core.site(conv.site)
+        for m in unread:
+            m.status = "read"
+            m.status_at = t
+            enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="read")
+        return {"conversation_id": conv.id, "read": [m.external_id for m in unread]}
+
+
+async def close(core: Core, who: Principal, conversation_id: str, reason: str | None) -> dict[str, Any]:
+    who.require_role(*STAFF)
+    async with core.tx() as tx:
+        conv = await _visible_conversation(tx, who, conversation_id, lock=True)
+        if conv.status == ConversationStatus.CLOSED:
+            return {"conversation": conversation_view(conv), "already_closed": True}
+        if who.role == Role.COUNSELOR and conv.counselor_id != who.id:
+            raise Conflict("the conversation is not assigned to you")
+        await close_conversation(core, tx, conv, by="counselor", reason=reason or "resolved")
+        site = core.site(conv.site)
+        enqueue_event(tx, site, conv, "closed", counselor_name=who.name, status=reason or "resolved")
+        if conv.counselor_id is not None and site.routing.wrapup_s > 0:
+            agent = await _agent(tx, who)
+            agent.wrapup_until = now() + site.routing.wrapup_s
+        return {"conversation": conversation_view(conv), "already_closed": False}
+
+
+async def transfer(
+    core: Core, who: Principal, conversation_id: str, *, counselor: str | None, site: str | None
+) -> dict[str, Any]:
+    """Hand an assigned conversation to another counselor of the site, or to another site's queue."""
+    who.require_role(*STAFF)
+    if (counselor is None) == (site is None):
+        raise Invalid("give exactly one of counselor or site", fields={"counselor": ["one of"], "site": ["one of"]})
+    async with core.tx() as tx:
+        conv = await _assigned_to_me(tx, who, conversation_id)
+        t = now()
+        if site is not None:
+            target_site = core.sites.get(site)
+            if target_site is None:
+                raise NotFound(f"unknown site {site!r}")
+            conv.site = target_site.slug
+            target_counselor: User | None = None
+        else:
+            target_counselor = await tx.session.scalar(
+                select(User).where(User.username == counselor, User.role == Role.COUNSELOR.value)
+            )
+            if target_counselor is None or target_counselor.site != conv.site or target_counselor.id == who.id:
+                raise NotFound(f"no counselor {counselor!r} of site {conv.site!r} to transfer to")
+        conv.status = move_conversation(conv.status, ConversationStatus.QUEUED)
+        conv.counselor_id = None
+        conv.queued_at = t
+        conv.assigned_at = None
+        tx.notify(who.id, "conversation_closed", conversation_id=conv.id, closed_by="transfer", reason="transferred")
+        if target_counselor is not None:
+            await make_offer(tx, core.site(conv.site), conv, target_counselor.id, t)
+        tx.wake_hunter = True
+        tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        return {"conversation": conversation_view(conv)}

@@ -1,0 +1,170 @@
+"""The hunting engine: offers queued conversations to counselors and re-hunts lapsed offers.
+
+Every deadline lives in the store, so a restarted process (or another instance) picks up where
+this one stopped. The loop sleeps until the next deadline or until something wakes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+
+import structlog
+from sqlalchemy import func, select
+
+from helpline.domain.core import Core, Tx, now
+from helpline.domain.offers import make_offer, requeue_if_unoffered
+from helpline.domain.sites import Site
+from helpline.domain.states import ConversationStatus, OfferStatus, move_offer
+from helpline.routing.presence import candidates
+from helpline.routing.strategies import Candidate, offers_per_round, order
+from helpline.store.models import Agent, Conversation, Offer
+
+log = structlog.get_logger("helpline.hunt")
+
+BATCH = 200
+
+
+class Hunter:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._rng = random.Random()
+        self._rr_last: dict[str, int] = {}  # roundrobin: the last counselor offered, per site
+        self._next_retry: float | None = None
+
+    async def run(self) -> None:
+        while True:
+            self.core.hunter_wakeup.clear()
+            try:
+                await self.step()
+                wait = await self._until_next_deadline()
+            except Exception:
+                log.exception("hunt step failed")
+                wait = self.core.settings.poll_interval_s
+            try:
+                await asyncio.wait_for(self.core.hunter_wakeup.wait(), timeout=max(0.0, wait))
+            except TimeoutError:
+                pass
+
+    async def step(self) -> None:
+        self._next_retry = None
+        while await self.lapse_due():
+            pass
+        for site in self.core.sites:
+            await self.hunt_site(site)
+
+    async def _until_next_deadline(self) -> float:
+        async with self.core.sessionmaker() as s:
+            nxt = await s.scalar(select(func.min(Offer.deadline)).where(Offer.status == OfferStatus.PENDING))
+        wait = self.core.settings.poll_interval_s
+        t = now()
+        if nxt is not None:
+            wait = min(wait, nxt - t)
+        if self._next_retry is not None:
+            wait = min(wait, self._next_retry - t)
+        return wait
+
+    async def lapse_due(self) -> int:
+        """Time out the offers whose deadline has passed; their conversations go back to the queue."""
+        t = now()
+        async with self.core.tx() as tx:
+            due = (
+                await tx.session.scalars(
+                    select(Offer)
+                    .where(Offer.status == OfferStatus.PENDING, Offer.deadline <= t)
+                    .order_by(Offer.deadline)
+                    .limit(BATCH)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            for offer in due:
+                offer.status = move_offer(offer.status, OfferStatus.TIMED_OUT)
+                offer.resolved_at = t
+                tx.notify(
+                    offer.counselor_id,
+                    "offer_withdrawn",
+                    offer_id=offer.id,
+                    conversation_id=offer.conversation_id,
+                    reason="timed_out",
+                )
+                await self._autopause(tx, offer)
+                await requeue_if_unoffered(tx, offer.conversation_id)
+            if due:
+                log.info("offers lapsed", count=len(due))
+            return len(due)
+
+    async def _autopause(self, tx: Tx, offer: Offer) -> None:
+        site = self.core.sites.get(offer.site)
+        if site is None or not site.routing.autopause_on_no_answer:
+            return
+        agent = await tx.session.get(Agent, offer.counselor_id, with_for_update=True)
+        if agent is None or agent.status != "available":
+            return
+        agent.status = "paused"
+        agent.reason = "no answer"
+        agent.since = now()
+        view = {"status": "paused", "reason": "no answer", "since": None, "wrapup_until": None}
+        tx.notify(agent.user_id, "presence", presence=view)
+        tx.notify_site(agent.site, "presence", counselor_id=agent.user_id, presence=view)
+
+    async def hunt_site(self, site: Site) -> None:
+        t = now()
+        async with self.core.tx() as tx:
+            queued = (
+                await tx.session.scalars(
+                    select(Conversation)
+                    .where(Conversation.site == site.slug, Conversation.status == ConversationStatus.QUEUED)
+                    .order_by(Conversation.risk_rank.desc(), Conversation.queued_at, Conversation.id)
+                    .limit(BATCH)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not queued:
+                return
+            cands = {c.counselor_id: c for c in await candidates(tx.session, site, t)}
+            if not cands:
+                return
+            for conv in queued:
+                eligible = await self._eligible(tx, conv, list(cands.values()), site, t)
+                if not eligible:
+                    continue
+                ordered = order(site.routing.strategy, eligible, last=self._rr_last.get(site.slug), rng=self._rng)
+                for cand in ordered[: offers_per_round(site.routing.strategy, ordered)]:
+                    await make_offer(tx, site, conv, cand.counselor_id, t)
+                    self._rr_last[site.slug] = cand.counselor_id
+                    updated = Candidate(cand.counselor_id, cand.active + 1, cand.last_assigned_at, t)
+                    if updated.active >= site.routing.max_chats_per_counselor:
+                        del cands[cand.counselor_id]
+                    else:
+                        cands[cand.counselor_id] = updated
+                if not cands:
+                    break
+
+    async def _eligible(
+        self, tx: Tx, conv: Conversation, cands: Sequence[Candidate], site: Site, t: float
+    ) -> list[Candidate]:
+        """Not the counselors who just let this conversation's offer lapse (or declined it), unless
+        nobody else can take it: then they get it again after ``retry_gap_s``."""
+        last_round = (
+            await tx.session.execute(
+                select(Offer.counselor_id, Offer.resolved_at).where(
+                    Offer.conversation_id == conv.id,
+                    Offer.status.in_([OfferStatus.TIMED_OUT, OfferStatus.DECLINED]),
+                    Offer.created_at
+                    == select(func.max(Offer.created_at)).where(Offer.conversation_id == conv.id).scalar_subquery(),
+                )
+            )
+        ).all()
+        if not last_round:
+            return list(cands)
+        lapsed = {uid for uid, _ in last_round}
+        others = [c for c in cands if c.counselor_id not in lapsed]
+        if others:
+            return others
+        ended = max(r or t for _, r in last_round)
+        if t - ended >= site.routing.retry_gap_s:
+            return list(cands)
+        retry_at = ended + site.routing.retry_gap_s
+        self._next_retry = retry_at if self._next_retry is None else min(self._next_retry, retry_at)
+        return []

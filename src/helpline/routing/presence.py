@@ -1,0 +1,41 @@
+"""Who can take a conversation now: counselors in the queue, not paused, under capacity."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from helpline.domain.sites import Site
+from helpline.domain.states import ConversationStatus, OfferStatus
+from helpline.routing.strategies import Candidate
+from helpline.store.models import Agent, Conversation, Offer
+
+
+async def candidates(session: AsyncSession, site: Site, t: float) -> list[Candidate]:
+    assigned = (
+        select(Conversation.counselor_id.label("uid"), func.count().label("n"))
+        .where(Conversation.site == site.slug, Conversation.status == ConversationStatus.ASSIGNED)
+        .group_by(Conversation.counselor_id)
+        .subquery()
+    )
+    pending = (
+        select(Offer.counselor_id.label("uid"), func.count().label("n"))
+        .where(Offer.status == OfferStatus.PENDING)
+        .group_by(Offer.counselor_id)
+        .subquery()
+    )
+    active = func.coalesce(assigned.c.n, 0) + func.coalesce(pending.c.n, 0)
+    rows = (
+        await session.execute(
+            select(Agent.user_id, active, Agent.last_assigned_at, Agent.last_offer_at)
+            .outerjoin(assigned, assigned.c.uid == Agent.user_id)
+            .outerjoin(pending, pending.c.uid == Agent.user_id)
+            .where(
+                Agent.site == site.slug,
+                Agent.status == "available",
+                Agent.wrapup_until <= t,
+                active < site.routing.max_chats_per_counselor,
+            )
+        )
+    ).all()
+    return [Candidate(uid, int(n), la, lo) for uid, n, la, lo in rows]

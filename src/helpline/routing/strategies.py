@@ -1,0 +1,66 @@
+"""Routing strategies: pure functions from candidates to the order in which they are offered."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    counselor_id: int
+    active: int  # conversations assigned plus offers pending
+    last_assigned_at: float
+    last_offer_at: float
+
+
+def ringall(cands: Sequence[Candidate]) -> list[Candidate]:
+    """Everyone at once; the first to read wins."""
+    return sorted(cands, key=lambda c: c.counselor_id)
+
+
+def leastrecent(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The counselor who has waited longest since their last conversation."""
+    return sorted(cands, key=lambda c: (c.last_assigned_at, c.counselor_id))
+
+
+def fewestchats(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The counselor with the fewest conversations in hand; ties go to the least recent."""
+    return sorted(cands, key=lambda c: (c.active, c.last_assigned_at, c.counselor_id))
+
+
+def roundrobin(cands: Sequence[Candidate], last: int | None) -> list[Candidate]:
+    """In turn by id, starting after ``last``, the counselor offered most recently."""
+    ordered = sorted(cands, key=lambda c: c.counselor_id)
+    if last is None:
+        return ordered
+    after = [c for c in ordered if c.counselor_id > last]
+    return after + [c for c in ordered if c.counselor_id <= last]
+
+
+def shuffled(cands: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
+    out = list(cands)
+    rng.shuffle(out)
+    return out
+
+
+def order(
+    strategy: str, cands: Sequence[Candidate], *, last: int | None = None, rng: random.Random | None = None
+) -> list[Candidate]:
+    if strategy == "ringall":
+        return ringall(cands)
+    if strategy == "leastrecent":
+        return leastrecent(cands)
+    if strategy == "fewestchats":
+        return fewestchats(cands)
+    if strategy == "roundrobin":
+        return roundrobin(cands, last)
+    if strategy == "random":
+        return shuffled(cands, rng or random.Random())
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def offers_per_round(strategy: str, cands: Sequence[Candidate]) -> int:
+    """How many candidates one round of hunting offers a conversation to."""
+    return len(cands) if strategy == "ringall" else min(1, len(cands))

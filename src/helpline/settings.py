@@ -1,0 +1,32 @@
+"""Process settings, from ``HELPLINE_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HELPLINE_", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./helpline.db"
+    sites: str = "sites.toml"
+
+    token_ttl_s: int = Field(24 * 3600, gt=0)
+    max_body_bytes: int = Field(1024 * 1024, gt=0)
+
+    # Login rate limit: at most `login_max_failures` failed attempts per username (and per client
+    # address) within `login_window_s`; then 429 with Retry-After until the window has passed.
+    login_max_failures: int = Field(5, gt=0)
+    login_window_s: float = Field(300.0, gt=0)
+
+    # Outbox delivery.
+    outbox_concurrency: int = Field(16, gt=0)
+    outbox_backoff_base_s: float = Field(0.5, gt=0)
+    outbox_backoff_cap_s: float = Field(60.0, gt=0)
+    outbox_max_attempts: int = Field(0, ge=0)  # 0: retry retryable failures for ever
+
+    # How often background loops look at the store even when nobody woke them (safety net).
+    poll_interval_s: float = Field(1.0, gt=0)
+
+    log_level: str = "INFO"

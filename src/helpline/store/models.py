@@ -1,0 +1,174 @@
+"""The schema. Times are UTC epoch seconds (float): portable across SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(150), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))  # chatbot | counselor | supervisor | admin
+    site: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(150))  # pseudonym shown to clients and in logs
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class LoginFailure(Base):
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_key_at", "key", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(200))  # "user:<name>" or "addr:<ip>"
+    at: Mapped[float] = mapped_column(Float)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        UniqueConstraint("chatbot_id", "chat_session", name="uq_conversations_chatbot_session"),
+        Index("ix_conversations_queue", "site", "status", "risk_rank", "queued_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid
+    site: Mapped[str] = mapped_column(String(32))
+    chatbot_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    chat_session: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(String(64))
+    client_id: Mapped[str] = mapped_column(String(128))
+    client_name: Mapped[str] = mapped_column(String(150), default="")
+    contact_urn: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    contact_uuid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    location: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    risk: Mapped[str] = mapped_column(String(8), default="low")
+    risk_rank: Mapped[int] = mapped_column(Integer, default=0)  # high=2 medium=1 low=0
+    status: Mapped[str] = mapped_column(String(16))  # queued | offered | assigned | closed
+    counselor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    queued_at: Mapped[float] = mapped_column(Float)
+    assigned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    closed_by: Mapped[str | None] = mapped_column(String(16), nullable=True)  # chatbot | counselor
+    close_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "external_id", name="uq_messages_conv_external"),
+        Index("ix_messages_conv_id", "conversation_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    direction: Mapped[str] = mapped_column(String(3))  # in (client -> counselor) | out
+    external_id: Mapped[str] = mapped_column(String(128))  # message_id
+    text: Mapped[str] = mapped_column(Text)
+    # in:  queued -> delivered (a counselor has it) -> read
+    # out: pending -> sent (RapidPro took it) -> delivered -> read | failed
+    status: Mapped[str] = mapped_column(String(16))
+    counselor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    status_at: Mapped[float] = mapped_column(Float)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a chatbot's ``message_id``: the same id again gets the same answer."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("chatbot_id", "message_id", name="uq_idem_chatbot_msg"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chatbot_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    message_id: Mapped[str] = mapped_column(String(128))
+    conversation_id: Mapped[str] = mapped_column(String(36))
+    response: Mapped[str] = mapped_column(Text)  # JSON
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Agent(Base):
+    """A counselor's presence in the queue."""
+
+    __tablename__ = "agents"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    site: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="offline")  # available | paused | offline
+    reason: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    since: Mapped[float] = mapped_column(Float)
+    last_offer_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_assigned_at: Mapped[float] = mapped_column(Float, default=0.0)
+    wrapup_until: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Offer(Base):
+    __tablename__ = "offers"
+    __table_args__ = (
+        Index("ix_offers_status_deadline", "status", "deadline"),
+        Index("ix_offers_conversation", "conversation_id"),
+        Index("ix_offers_counselor_status", "counselor_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    counselor_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    site: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # pending | read | timed_out | declined | withdrawn
+    created_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    resolved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class OutboxEvent(Base):
+    """An event owed to a peer, written in the same transaction as what caused it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_conv", "conversation_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(String(36))
+    site: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(16), default="rapidpro")
+    event: Mapped[str] = mapped_column(String(16))  # message | ack | queued | assigned | closed
+    message_ref: Mapped[int | None] = mapped_column(Integer, nullable=True)  # messages.id, if any
+    payload: Mapped[str] = mapped_column(Text)  # JSON body to send
+    status: Mapped[str] = mapped_column(String(8), default="pending")  # pending | sent | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    claimed_until: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
