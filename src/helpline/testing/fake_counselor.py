@@ -40,21 +40,32 @@ class FakeCounselor:
     def connect(self) -> Event:
         """Open ``/ws`` with the token and return the ``hello`` event."""
         ws_url = self.base_url.replace("http://", "ws://") + f"/ws?token={self.token}"
-        self._ws = connect(ws_url, open_timeout=10)
-        self._reader = threading.Thread(target=self._read, name=f"ws-{self.username}", daemon=True)
-        self._reader.start()
-        return self.wait_for("hello")
+        opened = threading.Event()
+        failure: list[BaseException] = []
 
-    def _read(self) -> None:
-        assert self._ws is not None
-        try:
-            for raw in self._ws:
-                event = json.loads(raw)
-                with self._lock:
-                    self.events.append(event)
-                self._inbox.put(event)
-        except ConnectionClosed:
-            pass
+        def read() -> None:
+            try:
+                with connect(ws_url, open_timeout=10) as ws:
+                    self._ws = ws
+                    opened.set()
+                    for raw in ws:
+                        event = json.loads(raw)
+                        with self._lock:
+                            self.events.append(event)
+                        self._inbox.put(event)
+            except ConnectionClosed:
+                pass
+            except Exception as exc:  # surfaced to connect()'s caller
+                failure.append(exc)
+            finally:
+                opened.set()
+
+        self._reader = threading.Thread(target=read, name=f"ws-{self.username}", daemon=True)
+        self._reader.start()
+        opened.wait(15)
+        if failure:
+            raise failure[0]
+        return self.wait_for("hello")
 
     def disconnect(self) -> None:
         if self._ws is not None:
