@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from sqlalchemy import text
 
+from helpline import metrics
 from helpline.api import counselors, errors, openchs, ws
 from helpline.delivery.outbox import OutboxWorker
 from helpline.delivery.rapidpro import RapidProClient
@@ -74,5 +75,9 @@ def create_app(
         async with core.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(await metrics.render(app.state.core), media_type="text/plain; version=0.0.4")
 
     return app

@@ -15,6 +15,7 @@ import structlog
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import aliased
 
+from helpline import metrics
 from helpline.delivery.rapidpro import (
     PART_LIMIT,
     Outcome,
@@ -162,6 +163,7 @@ class OutboxWorker:
             if outcome.kind == "sent":
                 row.status = "sent"
                 row.sent_at = t
+                metrics.OUTBOX_SENT.labels(row.site, row.event).inc()
                 row.last_error = None
             elif outcome.kind == "retry":
                 delay = backoff_delay(
@@ -172,6 +174,7 @@ class OutboxWorker:
                     rng=self._rng,
                 )
                 row.next_attempt_at = t + delay
+                metrics.OUTBOX_RETRIES.labels(row.site).inc()
                 row.last_error = outcome.reason
                 log.info(
                     "outbox retry",
@@ -184,6 +187,7 @@ class OutboxWorker:
             else:
                 row.status = "dead"
                 row.last_error = outcome.reason
+                metrics.OUTBOX_DEAD.labels(row.site).inc()
                 log.warning("outbox dead letter", outbox_id=row.id, event=row.event, reason=outcome.reason)
             if row.message_ref is not None:
                 await _update_message_status(tx, row)

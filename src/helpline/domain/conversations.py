@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 
+from helpline import metrics
 from helpline.domain.auth import Principal, Role
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
@@ -123,6 +124,7 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
             "delivery": delivery,
             "created": created,
         }
+        metrics.MESSAGES_IN.labels(conv.site).inc()
         if msg.message_id is not None:
             s.add(
                 IdempotencyKey(

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from helpline import metrics
 from helpline.delivery.outbox import enqueue_event, enqueue_message
 from helpline.domain.auth import Principal, Role
 from helpline.domain.conversations import close_conversation
@@ -158,6 +159,7 @@ async def read_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any
             o.resolved_at = t
             tx.notify(o.counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=conv.id, reason="taken")
         site = core.site(conv.site)
+        metrics.QUEUE_WAIT.labels(conv.site).observe(max(0.0, t - conv.created_at))
         enqueue_event(tx, site, conv, "assigned", counselor_name=who.name)
         waiting = (
             await tx.session.scalars(
@@ -262,6 +264,7 @@ async def reply(core: Core, who: Principal, conversation_id: str, text: str) -> 
         tx.session.add(m)
         await tx.session.flush()
         enqueue_message(tx, core.site(conv.site), conv, m, who.name)
+        metrics.MESSAGES_OUT.labels(conv.site).inc()
         view = message_view(m, counselor_name=who.name)
         tx.notify(who.id, "message", message=view)
         return view

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from helpline import metrics
 from helpline.domain.core import Tx
 from helpline.domain.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation
@@ -28,6 +29,7 @@ async def make_offer(tx: Tx, site: Site, conv: Conversation, counselor_id: int, 
     agent = await tx.session.get(Agent, counselor_id)
     if agent is not None:
         agent.last_offer_at = t
+    metrics.OFFERS_MADE.labels(site.slug).inc()
     tx.notify(counselor_id, "offer", offer=offer_view(offer, conv))
     tx.notify_site(site.slug, "queue_changed", conversation_id=conv.id)
     return offer

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import structlog
 from sqlalchemy import func, select
 
+from helpline import metrics
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.offers import make_offer, requeue_if_unoffered
 from helpline.domain.sites import Site
@@ -81,6 +82,7 @@ class Hunter:
             for offer in due:
                 offer.status = move_offer(offer.status, OfferStatus.TIMED_OUT)
                 offer.resolved_at = t
+                metrics.OFFERS_LAPSED.labels(offer.site).inc()
                 tx.notify(
                     offer.counselor_id,
                     "offer_withdrawn",

@@ -1,0 +1,57 @@
+"""Prometheus metrics: counters kept by this process, gauges read from the store at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import func, select
+
+from helpline.domain.core import Core, now
+from helpline.store.models import Conversation, OutboxEvent
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+MESSAGES_IN = Counter("helpline_messages_in", "Client messages received from chatbots", ["site"], registry=REGISTRY)
+MESSAGES_OUT = Counter("helpline_messages_out", "Counselor messages written", ["site"], registry=REGISTRY)
+OFFERS_MADE = Counter("helpline_offers_made", "Offers made to counselors", ["site"], registry=REGISTRY)
+OFFERS_LAPSED = Counter("helpline_offers_lapsed", "Offers that timed out unread", ["site"], registry=REGISTRY)
+OUTBOX_SENT = Counter("helpline_outbox_sent", "Outbox events delivered", ["site", "event"], registry=REGISTRY)
+OUTBOX_RETRIES = Counter("helpline_outbox_retries", "Outbox delivery attempts to retry", ["site"], registry=REGISTRY)
+OUTBOX_DEAD = Counter("helpline_outbox_dead_letters", "Outbox events dead-lettered", ["site"], registry=REGISTRY)
+QUEUE_WAIT = Histogram(
+    "helpline_queue_wait_seconds",
+    "From a conversation's arrival to a counselor reading its offer",
+    ["site"],
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY,
+)
+OUTBOX_DEPTH = Gauge("helpline_outbox_depth", "Outbox events by status", ["status"], registry=REGISTRY)
+OUTBOX_OLDEST = Gauge(
+    "helpline_outbox_oldest_pending_age_seconds", "Age of the oldest pending event", registry=REGISTRY
+)
+CONVERSATIONS = Gauge(
+    "helpline_conversations", "Open conversations by site and status", ["site", "status"], registry=REGISTRY
+)
+
+
+async def render(core: Core) -> bytes:
+    """Refresh the store-backed gauges and return the text exposition."""
+    t = now()
+    async with core.sessionmaker() as s:
+        depth = (await s.execute(select(OutboxEvent.status, func.count()).group_by(OutboxEvent.status))).all()
+        oldest = await s.scalar(select(func.min(OutboxEvent.created_at)).where(OutboxEvent.status == "pending"))
+        convs = (
+            await s.execute(
+                select(Conversation.site, Conversation.status, func.count())
+                .where(Conversation.status != "closed")
+                .group_by(Conversation.site, Conversation.status)
+            )
+        ).all()
+    for status in ("pending", "sent", "dead"):
+        OUTBOX_DEPTH.labels(status).set(0)
+    for status, n in depth:
+        OUTBOX_DEPTH.labels(status).set(n)
+    OUTBOX_OLDEST.set(0 if oldest is None else max(0.0, t - oldest))
+    CONVERSATIONS.clear()
+    for site, status, n in convs:
+        CONVERSATIONS.labels(site, status).set(n)
+    return generate_latest(REGISTRY)
