@@ -1,0 +1,151 @@
+"""``helpline``: serve, migrate, createuser, issuetoken, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import structlog
+import typer
+from rich.console import Console
+
+from helpline.domain.auth import Role, create_user, issue_service_token
+from helpline.domain.core import Core
+from helpline.domain.errors import DomainError
+from helpline.domain.sites import SiteRegistry
+from helpline.domain.views import iso
+from helpline.settings import Settings
+from helpline.store.migrate import upgrade
+
+app = typer.Typer(help="helpline: the chatbot <-> child-helpline bridge", no_args_is_help=True)
+console = Console()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+    )
+
+
+def _settings(sites: str | None) -> Settings:
+    settings = Settings()
+    if sites:
+        settings = settings.model_copy(update={"sites": sites})
+    return settings
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    sites: Annotated[str | None, typer.Option(help="sites TOML file (default: $HELPLINE_SITES)")] = None,
+) -> None:
+    """Run the HTTP/WebSocket server with its hunting and delivery loops."""
+    import uvicorn
+
+    from helpline.app import create_app
+
+    settings = _settings(sites)
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level=settings.log_level.lower(), ws="websockets-sansio"
+    )
+
+
+@app.command()
+def migrate(sites: Annotated[str | None, typer.Option(help="sites TOML file")] = None) -> None:
+    """Create or upgrade the schema."""
+    settings = _settings(sites)
+
+    async def run() -> None:
+        core = Core(settings, SiteRegistry.from_toml(settings.sites))
+        try:
+            await upgrade(core.engine)
+        finally:
+            await core.close()
+
+    asyncio.run(run())
+    console.print("[green]schema is up to date[/green]")
+
+
+@app.command()
+def createuser(
+    role: Annotated[Role, typer.Option(help="chatbot, counselor, supervisor or admin")],
+    username: Annotated[str, typer.Option()],
+    password: Annotated[str, typer.Option()],
+    site: Annotated[str | None, typer.Option(help="site slug ('*': all sites); default: the default site")] = None,
+    name: Annotated[str | None, typer.Option(help="pseudonym shown to clients")] = None,
+    sites: Annotated[str | None, typer.Option(help="sites TOML file")] = None,
+) -> None:
+    """Create a user."""
+    settings = _settings(sites)
+
+    async def run() -> None:
+        core = Core(settings, SiteRegistry.from_toml(settings.sites))
+        try:
+            await upgrade(core.engine)
+            who = await create_user(core, username=username, password=password, role=role, site=site, name=name)
+            console.print(f"created {who.role.value} [bold]{who.username}[/bold] (site {who.site}, id {who.id})")
+        finally:
+            await core.close()
+
+    try:
+        asyncio.run(run())
+    except DomainError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def issuetoken(
+    username: Annotated[str, typer.Option(help="the account, e.g. the chatbot user of a Weni project")],
+    ttl_days: Annotated[float, typer.Option(help="lifetime in days")] = 365,
+    sites: Annotated[str | None, typer.Option(help="sites TOML file")] = None,
+) -> None:
+    """Issue a long-lived API token (a Weni project's api_token); prints only the token on stdout."""
+    settings = _settings(sites)
+
+    async def run() -> tuple[str, float]:
+        core = Core(settings, SiteRegistry.from_toml(settings.sites))
+        try:
+            await upgrade(core.engine)
+            return await issue_service_token(core, username=username, ttl_s=ttl_days * 86400)
+        finally:
+            await core.close()
+
+    try:
+        token, expires_at = asyncio.run(run())
+    except DomainError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    typer.echo(token)
+    Console(stderr=True).print(f"token for [bold]{username}[/bold], valid until {iso(expires_at)}")
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="port of the helpline server on 127.0.0.1 (0: any free port)")] = 8000,
+    seconds: Annotated[float, typer.Option(help="keep serving this long after the script (0: until Ctrl-C)")] = 0,
+) -> None:
+    """Everything embedded (SQLite, a fake RapidPro, a scripted chatbot and counselors): watch a conversation."""
+    import helpline.demo
+
+    code = helpline.demo.run_demo(port=port, seconds=seconds, console=console)
+    if code:
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
