@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WeniProject(BaseModel):
+    """Per Weni project (keyed by its chatbot username) overrides of the ``weni_*`` settings."""
+
+    webhook_secrets: str = ""
+    webhook_base_url: str = ""
 
 
 class Settings(BaseSettings):
@@ -30,3 +37,16 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(1.0, gt=0)
 
     log_level: str = "INFO"
+
+    # Weni generic ticketer (``/v1/tickets``; webhooks back signed with HMAC-SHA256).
+    # "new,old": the first secret signs; when Weni answers 401 invalid_signature the next is tried,
+    # so a rotation needs no downtime whichever side changes first.
+    weni_webhook_secrets: str = ""
+    # Where webhooks go when Weni sends no ``metadata.webhook_base_url`` (a configured URL wins).
+    weni_webhook_base_url: str = ""
+    # Per project, keyed by the chatbot username whose token the Weni project uses (JSON in the env).
+    weni_projects: dict[str, WeniProject] = Field(default_factory=dict)
+    weni_timeout_s: float = Field(30.0, gt=0)
+    # Attachments (URL references): size limit, and the content types a counselor may send.
+    attachment_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    attachment_content_types: str = "image/*,audio/*,video/*,application/pdf,text/plain"

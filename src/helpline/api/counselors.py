@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from helpline.api.deps import body_doc, core_of, principal, read_json
 from helpline.api.errors import responses
+from helpline.api.weni import AttachmentIn
 from helpline.domain import counselors as cs
 from helpline.domain.auth import Principal
 
@@ -24,7 +25,15 @@ class PresenceIn(BaseModel):
 
 class ReplyIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    text: StrictStr = Field(min_length=1, max_length=20000)
+    text: StrictStr = Field("", max_length=20000)
+    # URL references (Weni tickets only): {"url", "content_type", "filename"?, "size"?}
+    attachments: list[AttachmentIn] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ReplyIn:
+        if not self.text and not self.attachments:
+            raise ValueError("text or attachments are required")
+        return self
 
 
 class CloseIn(BaseModel):
@@ -103,7 +112,8 @@ async def messages(request: Request, who: Caller, conversation_id: str) -> dict[
 )
 async def reply(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
     body = await read_json(request, ReplyIn)
-    return await cs.reply(core_of(request), who, conversation_id, body.text)
+    files = [a.model_dump(exclude_none=True) for a in body.attachments]
+    return await cs.reply(core_of(request), who, conversation_id, body.text, files)
 
 
 @router.post(

@@ -1,4 +1,4 @@
-"""The durable outbox: events owed to RapidPro, written in the caller's transaction, sent in order.
+"""The durable outbox: events owed to RapidPro (or Weni), written in the caller's transaction, sent in order.
 
 A conversation's events go out one at a time, oldest first: the next is only tried after the
 previous one got its 201 (or was dead-lettered). Different conversations go out concurrently.
@@ -25,6 +25,8 @@ from helpline.delivery.rapidpro import (
     contact_target,
     split_text,
 )
+from helpline.delivery.weni import SOURCE as WENI_SOURCE
+from helpline.delivery.weni import Webhook, WeniClient
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.sites import Site
 from helpline.store.models import Conversation, Message, OutboxEvent
@@ -35,6 +37,8 @@ LEASE_S = 120.0
 
 
 def _add(tx: Tx, site: Site, conv: Conversation, event: str, params: dict[str, str], message_ref: int | None) -> None:
+    if conv.source == WENI_SOURCE:
+        return  # a Weni ticket's contact is reached through Weni's webhooks (enqueue_webhook), not flow starts
     target = contact_target(
         site.rapidpro, contact_urn=conv.contact_urn, contact_uuid=conv.contact_uuid, client_id=conv.client_id
     )
@@ -73,12 +77,35 @@ def enqueue_message(tx: Tx, site: Site, conv: Conversation, message: Message, co
         _add(tx, site, conv, "message", params, message.id)
 
 
+def enqueue_webhook(tx: Tx, conv: Conversation, event: str, hook: Webhook, *, message_ref: int | None = None) -> None:
+    """Queue a signed webhook to Weni (``message``, ``closed``, ``reopened``), in line with the
+    conversation's other events."""
+    t = now()
+    tx.session.add(
+        OutboxEvent(
+            conversation_id=conv.id,
+            site=conv.site,
+            target="weni",
+            event=event,
+            message_ref=message_ref,
+            payload=hook.to_payload(),
+            status="pending",
+            attempts=0,
+            next_attempt_at=t,
+            claimed_until=0.0,
+            created_at=t,
+        )
+    )
+    tx.wake_outbox = True
+
+
 class OutboxWorker:
     """Claims due heads of conversations' queues and sends them; retries with backoff."""
 
-    def __init__(self, core: Core, client: RapidProClient | None = None) -> None:
+    def __init__(self, core: Core, client: RapidProClient | None = None, weni: WeniClient | None = None) -> None:
         self.core = core
         self.client = client or RapidProClient()
+        self.weni = weni or WeniClient()
         self._rng = random.Random()
 
     async def run(self) -> None:
@@ -139,7 +166,9 @@ class OutboxWorker:
 
     async def _deliver(self, ev: OutboxEvent) -> None:
         site = self.core.sites.get(ev.site)
-        if site is None:
+        if ev.target == "weni":
+            outcome = await self.weni.deliver(self.core.settings, ev.payload)
+        elif site is None:
             outcome = Outcome("dead", f"site {ev.site!r} is no longer configured")
         else:
             outcome = await self.client.send(site.rapidpro, json.loads(ev.payload))
@@ -188,7 +217,7 @@ class OutboxWorker:
                 row.status = "dead"
                 row.last_error = outcome.reason
                 metrics.OUTBOX_DEAD.labels(row.site).inc()
-                log.warning("outbox dead letter", outbox_id=row.id, event=row.event, reason=outcome.reason)
+                log.warning("outbox dead letter", outbox_id=row.id, outbox_event=row.event, reason=outcome.reason)
             if row.message_ref is not None:
                 await _update_message_status(tx, row)
             tx.wake_outbox = True

@@ -134,6 +134,26 @@ async def issue_token(core: Core, *, username: str, password: str, address: str)
     raise NotAuthenticated("invalid username or password")
 
 
+async def issue_service_token(core: Core, *, username: str, ttl_s: float) -> tuple[str, float]:
+    """A token for a machine client (a Weni project's ``api_token``), valid ``ttl_s`` seconds.
+
+    Issued by an operator (``helpline issuetoken``), not by a password; stored hashed and revocable
+    like any other (``DELETE /api/token/``). Two tokens of one user are valid together, so a token is
+    rotated by issuing the new one, switching the client over, then revoking the old one.
+    """
+    if ttl_s <= 0:
+        raise Invalid("the lifetime must be positive")
+    t = now()
+    async with core.tx() as tx:
+        user = await tx.session.scalar(select(User).where(User.username == username))
+        if user is None or not user.active:
+            raise Invalid(f"no active user {username!r}")
+        token = secrets.token_hex(20)
+        expires_at = t + ttl_s
+        tx.session.add(ApiToken(key_hash=hash_token(token), user_id=user.id, created_at=t, expires_at=expires_at))
+        return token, expires_at
+
+
 async def authenticate(core: Core, token: str) -> Principal:
     if len(token) != 40 or any(c not in "0123456789abcdef" for c in token):
         raise NotAuthenticated("invalid token")

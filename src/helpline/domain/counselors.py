@@ -9,11 +9,12 @@ from sqlalchemy import func, select
 
 from helpline import metrics
 from helpline.delivery.outbox import enqueue_event, enqueue_message
+from helpline.domain import attachments, tickets
 from helpline.domain.auth import Principal, Role
 from helpline.domain.conversations import close_conversation
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.offers import make_offer, requeue_if_unoffered
+from helpline.domain.offers import lock_conversation_of, make_offer, requeue_if_unoffered
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
 from helpline.domain.views import conversation_view, iso, message_view, offer_view
 from helpline.store.models import Agent, Conversation, Message, Offer, User
@@ -77,12 +78,12 @@ async def set_presence(core: Core, who: Principal, status: str, reason: str | No
     if status not in PRESENCE:
         raise Invalid("status must be available, paused or offline", fields={"status": ["invalid choice"]})
     async with core.tx() as tx:
+        if status == "offline":  # conversations and offers before the agent: see lock_conversation_of
+            await _withdraw_offers_of(tx, who.id, reason="offline")
         agent = await _agent(tx, who)
         agent.status = status
         agent.reason = reason if status != "available" else None
         agent.since = now()
-        if status == "offline":
-            await _withdraw_offers_of(tx, who.id, reason="offline")
         tx.wake_hunter = True
         view = presence_view(agent)
         tx.notify(who.id, "presence", presence=view)
@@ -91,6 +92,11 @@ async def set_presence(core: Core, who: Principal, status: str, reason: str | No
 
 
 async def _withdraw_offers_of(tx: Tx, counselor_id: int, *, reason: str) -> None:
+    mine = (Offer.counselor_id == counselor_id, Offer.status == OfferStatus.PENDING)
+    conversation_ids = select(Offer.conversation_id).where(*mine).scalar_subquery()
+    await tx.session.execute(  # the conversations first: see lock_conversation_of
+        select(Conversation.id).where(Conversation.id.in_(conversation_ids)).order_by(Conversation.id).with_for_update()
+    )
     offers = (
         await tx.session.scalars(
             select(Offer)
@@ -136,6 +142,7 @@ async def read_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any
     """Reading an offer assigns the conversation; the client's messages become delivered."""
     who.require_role(*STAFF)
     async with core.tx() as tx:
+        await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
         offer = await _my_offer(tx, who, offer_id)
         conv = await tx.session.get(Conversation, offer.conversation_id, with_for_update=True)
         assert conv is not None
@@ -180,6 +187,7 @@ async def read_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any
 async def decline_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any]:
     who.require_role(*STAFF)
     async with core.tx() as tx:
+        await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
         offer = await _my_offer(tx, who, offer_id)
         offer.status = move_offer(offer.status, OfferStatus.DECLINED)
         offer.resolved_at = now()
@@ -194,7 +202,7 @@ async def _messages(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
             select(Message, User.name)
             .outerjoin(User, User.id == Message.counselor_id)
             .where(Message.conversation_id == conversation_id)
-            .order_by(Message.id)
+            .order_by(Message.created_at, Message.id)  # a Weni ticket's history may arrive late
         )
     ).all()
     return [message_view(m, counselor_name=name) for m, name in rows]
@@ -245,10 +253,17 @@ async def conversation_messages(core: Core, who: Principal, conversation_id: str
         return {"conversation": conversation_view(conv), "results": await _messages(tx, conv.id)}
 
 
-async def reply(core: Core, who: Principal, conversation_id: str, text: str) -> dict[str, Any]:
+async def reply(
+    core: Core, who: Principal, conversation_id: str, text: str, files: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Reply to the client; ``files`` (attachments, URL references) only on a Weni ticket."""
     who.require_role(*STAFF)
+    files = tickets.check_reply_attachments(core, files) if files else []
     async with core.tx() as tx:
         conv = await _assigned_to_me(tx, who, conversation_id)
+        ticket = await tickets.ticket_for(tx, conv)
+        if files and ticket is None:
+            raise Invalid("attachments can only be sent on a Weni ticket", fields={"attachments": ["not supported"]})
         t = now()
         m = Message(
             uuid=str(uuid.uuid4()),
@@ -256,6 +271,7 @@ async def reply(core: Core, who: Principal, conversation_id: str, text: str) -> 
             direction="out",
             external_id=str(uuid.uuid4()),
             text=text,
+            attachments=attachments.dumps(files),
             status="pending",
             counselor_id=who.id,
             created_at=t,
@@ -263,7 +279,10 @@ async def reply(core: Core, who: Principal, conversation_id: str, text: str) -> 
         )
         tx.session.add(m)
         await tx.session.flush()
-        enqueue_message(tx, core.site(conv.site), conv, m, who.name)
+        if ticket is not None:
+            tickets.agent_message(core, tx, conv, ticket, m, who)
+        else:
+            enqueue_message(tx, core.site(conv.site), conv, m, who.name)
         metrics.MESSAGES_OUT.labels(conv.site).inc()
         view = message_view(m, counselor_name=who.name)
         tx.notify(who.id, "message", message=view)
@@ -301,7 +320,11 @@ async def close(core: Core, who: Principal, conversation_id: str, reason: str | 
             raise Conflict("the conversation is not assigned to you")
         await close_conversation(core, tx, conv, by="counselor", reason=reason or "resolved")
         site = core.site(conv.site)
-        enqueue_event(tx, site, conv, "closed", counselor_name=who.name, status=reason or "resolved")
+        ticket = await tickets.ticket_for(tx, conv)
+        if ticket is not None:
+            tickets.agent_close(core, tx, conv, ticket, who, reason)
+        else:
+            enqueue_event(tx, site, conv, "closed", counselor_name=who.name, status=reason or "resolved")
         if conv.counselor_id is not None and site.routing.wrapup_s > 0:
             agent = await _agent(tx, who)
             agent.wrapup_until = now() + site.routing.wrapup_s

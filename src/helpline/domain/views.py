@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from helpline.domain import attachments
 from helpline.store.models import Conversation, Message, Offer
 
 
@@ -41,7 +42,10 @@ def message_view(m: Message, *, counselor_name: str | None = None) -> dict[str, 
         "message_id": m.external_id,
         "conversation_id": m.conversation_id,
         "direction": m.direction,
+        # contact | counselor | bot (chatbot history) | system (a Weni ticket's opening note)
+        "sender": m.sender or ("contact" if m.direction == "in" else "counselor"),
         "text": m.text,
+        "attachments": attachments.loads(m.attachments),
         "status": m.status,
         "counselor_name": counselor_name,
         "created_at": iso(m.created_at),

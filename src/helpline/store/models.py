@@ -100,6 +100,10 @@ class Message(Base):
     counselor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     status_at: Mapped[float] = mapped_column(Float)
+    # JSON list of {"url", "content_type", "filename", "size", ...} (URL references), or NULL: none.
+    attachments: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # contact | counselor | bot | system; NULL: contact when "in", counselor when "out".
+    sender: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class IdempotencyKey(Base):
@@ -172,3 +176,59 @@ class OutboxEvent(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Ticket(Base):
+    """A Weni ticket (generic ticketer contract v1): the Weni side of one conversation."""
+
+    __tablename__ = "tickets"
+    __table_args__ = (
+        UniqueConstraint("chatbot_id", "ticket_id", name="uq_tickets_chatbot_ticket"),
+        # One open ticket per contact and Weni project: set while open, NULL once closed.
+        UniqueConstraint("chatbot_id", "open_contact", name="uq_tickets_chatbot_open_contact"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), unique=True)
+    chatbot_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    ticket_id: Mapped[str] = mapped_column(String(64))  # Weni's ticket uuid
+    external_id: Mapped[str] = mapped_column(String(64), unique=True)  # ours, given to Weni
+    project: Mapped[str] = mapped_column(String(150))  # the chatbot username: per-project settings key
+    project_uuid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    org_uuid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    contact_uuid: Mapped[str] = mapped_column(String(64))
+    contact_urn: Mapped[str] = mapped_column(String(255))
+    topic_uuid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    topic_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    webhook_base_url: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    meta: Mapped[str | None] = mapped_column(Text, nullable=True)  # Weni's metadata, JSON
+    open_contact: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    opened_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TicketRequest(Base):
+    """The first answer to a Weni request, by ``Idempotency-Key`` or ``X-Request-Id``: a repeat gets it again."""
+
+    __tablename__ = "ticket_requests"
+    __table_args__ = (UniqueConstraint("chatbot_id", "scope", "key", name="uq_ticket_requests_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    chatbot_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    scope: Mapped[str] = mapped_column(String(80))  # "open", "messages:<external_id>", ...
+    key: Mapped[str] = mapped_column(String(300))  # "idem:<Idempotency-Key>" or "req:<X-Request-Id>"
+    status: Mapped[int] = mapped_column(Integer)
+    response: Mapped[str] = mapped_column(Text)  # JSON
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class BusSpill(Base):
+    """A live event too large for a PostgreSQL NOTIFY payload, fetched by id by the listeners."""
+
+    __tablename__ = "bus_spill"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
