@@ -11,10 +11,11 @@ from typing import Any
 from fastapi import FastAPI, Response
 from sqlalchemy import text
 
-from helpline import metrics
-from helpline.api import counselors, errors, openchs, ws
+from helpline import console, metrics
+from helpline.api import counselors, errors, openchs, supervisor, weni, ws
 from helpline.delivery.outbox import OutboxWorker
 from helpline.delivery.rapidpro import RapidProClient
+from helpline.delivery.weni import WeniClient
 from helpline.domain.core import Core
 from helpline.domain.sites import SiteRegistry
 from helpline.routing.hunt import Hunter
@@ -37,10 +38,15 @@ def create_app(
         app.state.core = core
         tasks: list[asyncio.Task[Any]] = []
         client = RapidProClient()
+        weni_client = WeniClient()
+        if core.listener is not None:
+            tasks.append(asyncio.create_task(core.listener.run(), name="bus"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(core.listener.connected.wait(), timeout=10)
         if run_workers:
-            tasks = [
+            tasks += [
                 asyncio.create_task(Hunter(core).run(), name="hunter"),
-                asyncio.create_task(OutboxWorker(core, client).run(), name="outbox"),
+                asyncio.create_task(OutboxWorker(core, client, weni_client).run(), name="outbox"),
             ]
         try:
             yield
@@ -51,6 +57,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             await client.aclose()
+            await weni_client.aclose()
             await core.close()
 
     app = FastAPI(
@@ -60,9 +67,15 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
+    weni.install(app)  # the Weni contract's error body under /v1
     for prefix in CHATBOT_PREFIXES:
         app.include_router(openchs.router, prefix=prefix, include_in_schema=prefix in ("/api", "/sites/{site}/api"))
     app.include_router(counselors.router, prefix="/api")
+    app.include_router(supervisor.router, prefix="/api")
+    app.include_router(weni.agent_router, prefix="/api")
+    for prefix in ("/v1", "/sites/{site}/v1"):
+        app.include_router(weni.router, prefix=prefix, include_in_schema=prefix == "/v1")
+    console.install(app)
     app.include_router(ws.router)
 
     @app.get("/healthz", tags=["ops"])

@@ -41,8 +41,9 @@ class EventHub:
             _put(q, event)
 
     def publish_site(self, site: str, event: Event) -> None:
-        for q in list(self._sites.get(site, ())):
-            _put(q, event)
+        # Supervisors of every site (site "*") hear each site's events, tagged with the site.
+        for q in list(self._sites.get(site, ())) + list(self._sites.get("*", ())):
+            _put(q, {"site": site, **event})
 
 
 def _put(q: asyncio.Queue[Event], event: Event) -> None:

@@ -1,0 +1,56 @@
+"""The supervisor's REST API: live overview, dead letters (with replay) and hourly stats.
+
+Supervisors and admins only (403 otherwise), scoped to the caller's site; an admin or a supervisor
+of site ``*`` sees every site and may narrow with ``?site=``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from helpline.api.deps import core_of, principal
+from helpline.api.errors import responses
+from helpline.domain import supervision as sv
+from helpline.domain.auth import Principal
+
+Caller = Annotated[Principal, Depends(principal)]
+SiteFilter = Annotated[str | None, Query(max_length=32, description="only this site (admins, site '*')")]
+router = APIRouter(prefix="/supervisor", tags=["supervisor"])
+
+ERR = responses(401, 403, 404, 503)
+
+
+@router.get("/overview", responses=ERR, summary="Per site: queue, counselors, lapsed offers, outbox, dead letters")
+async def overview(request: Request, who: Caller, site: SiteFilter = None) -> dict[str, Any]:
+    return await sv.overview(core_of(request), who, site=site)
+
+
+@router.get("/dead-letters", responses=ERR, summary="Events RapidPro refused for good (no message text)")
+async def dead_letters(
+    request: Request,
+    who: Caller,
+    site: SiteFilter = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    return await sv.dead_letters(core_of(request), who, site=site, limit=limit)
+
+
+@router.post(
+    "/dead-letters/{outbox_id}/replay",
+    responses=responses(401, 403, 404, 409, 503),
+    summary="Send a dead letter again (404 unknown or of another site, 409 not dead)",
+)
+async def replay(request: Request, who: Caller, outbox_id: int) -> dict[str, Any]:
+    return await sv.replay(core_of(request), who, outbox_id)
+
+
+@router.get("/stats", responses=responses(401, 403, 404, 422, 503), summary="Hourly volume and waits, for charts")
+async def stats(
+    request: Request,
+    who: Caller,
+    site: SiteFilter = None,
+    hours: Annotated[int, Query(ge=1, le=sv.MAX_STATS_HOURS)] = 24,
+) -> dict[str, Any]:
+    return await sv.stats(core_of(request), who, hours=hours, site=site)
