@@ -64,13 +64,33 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise ApiError(422, "the body is not valid", fields=_fields_from_validation(exc.errors())) from exc
 
 
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with its ``$defs`` (enums, nested models) written in place of their ``$ref``.
+
+    ``openapi_extra`` cannot add to ``components/schemas``, so a ``$ref`` there would dangle.
+    """
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: walk(v) for k, v in node.items() if k != "$ref"}
+                return {**walk(defs[ref.removeprefix("#/$defs/")]), **rest}
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(schema)
+    return result
+
+
 def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` documenting a JSON request body read by :func:`read_json`."""
     return {
         "requestBody": {
             "required": True,
-            "content": {
-                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
-            },
+            "content": {"application/json": {"schema": _inline_defs(model.model_json_schema())}},
         }
     }

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictStr, WithJsonSchema
 
 from helpline.api.deps import body_doc, core_of, principal, read_json, token_from_header
 from helpline.api.errors import ApiError, responses
@@ -18,6 +18,26 @@ from helpline.domain.views import iso
 SESSION_RE = r"^[A-Za-z0-9_.~-]{1,128}$"
 URN_RE = r"^[a-z][a-z0-9_-]*:.+$"
 UUID_RE = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+
+
+def _client_id(value: object) -> int | str:
+    """An id given as an integer or a string of 1..128 characters (the column holds 128).
+
+    One validator, so a bad value is reported under the field's own name (a plain ``int | str``
+    union reports it as ``chat_sender.int`` and ``chat_sender.str``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be an integer or a string")
+    if not 1 <= len(str(value)) <= 128:
+        raise ValueError("must be 1..128 characters long")
+    return value
+
+
+ClientId = Annotated[
+    int | str,
+    PlainValidator(_client_id),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 1, "maxLength": 128}]}),
+]
 
 
 class TokenIn(BaseModel):
@@ -33,8 +53,8 @@ class TokenOut(BaseModel):
 
 class ChatPost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    chat_sender: StrictInt | StrictStr
-    chat_receiver: StrictInt | StrictStr | None = None
+    chat_sender: ClientId
+    chat_receiver: ClientId | None = None
     chat_message: StrictStr = Field(min_length=1, max_length=4096)
     chat_session: StrictStr = Field(pattern=SESSION_RE)
     chat_source: StrictStr = Field(min_length=1, max_length=64)

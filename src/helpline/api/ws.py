@@ -21,8 +21,11 @@ async def _authenticate(ws: WebSocket, core: Core) -> Principal | None:
     token = ws.query_params.get("token")
     try:
         if token is None:
-            first = await asyncio.wait_for(ws.receive_text(), timeout=AUTH_TIMEOUT_S)
-            data = orjson.loads(first)
+            first = await asyncio.wait_for(ws.receive(), timeout=AUTH_TIMEOUT_S)
+            if first["type"] == "websocket.disconnect":
+                return None
+            # A binary frame is read like a text one (receive_text() would raise KeyError on it).
+            data = orjson.loads(first.get("text") or first.get("bytes") or b"")
             token = str(data.get("token", "")) if isinstance(data, dict) else ""
         who = await authenticate(core, token)
         who.require_role(Role.COUNSELOR, Role.SUPERVISOR, Role.ADMIN)
@@ -57,9 +60,11 @@ async def events(ws: WebSocket) -> None:
     sender = asyncio.create_task(pump())
     try:
         while True:
-            text = await ws.receive_text()
+            received = await ws.receive()
+            if received["type"] == "websocket.disconnect":
+                break
             with contextlib.suppress(orjson.JSONDecodeError):
-                msg = orjson.loads(text)
+                msg = orjson.loads(received.get("text") or received.get("bytes") or b"")
                 if isinstance(msg, dict) and msg.get("type") == "ping":
                     await ws.send_text('{"type":"pong"}')
     except WebSocketDisconnect:

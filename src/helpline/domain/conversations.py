@@ -44,8 +44,15 @@ class Answer:
     body: dict[str, Any]
 
 
-async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
+def _require_chatbot(who: Principal, path_site: str | None) -> None:
+    """A chatbot (or admin), and allowed to act for the site named in the path, if any."""
     who.require_role(Role.CHATBOT, Role.ADMIN)
+    if path_site is not None:
+        who.require_site(path_site)
+
+
+async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
+    _require_chatbot(who, path_site)
     try:
         return await _post_chat(core, who, msg, path_site=path_site)
     except IntegrityError:
@@ -65,7 +72,14 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
                 )
             )
             if first is not None:
-                return Answer(False, json.loads(first))
+                answer = json.loads(first)
+                if answer.get("chat_session") != msg.chat_session:
+                    # Not a retry: answering 200 would tell the chatbot a message it never stored arrived.
+                    raise Conflict(
+                        f"message_id {msg.message_id!r} was already used in another chat_session",
+                        fields={"message_id": ["already used in another chat_session"]},
+                    )
+                return Answer(False, answer)
         conv = await s.scalar(
             select(Conversation)
             .where(Conversation.chatbot_id == who.id, Conversation.chat_session == msg.chat_session)
@@ -193,7 +207,7 @@ async def close_conversation(
 
 
 async def close_chat(core: Core, who: Principal, chat_session: str, *, path_site: str | None) -> dict[str, Any]:
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     async with core.tx() as tx:
         conv = await _chatbot_conversation(tx, who, chat_session, path_site)
         already = conv.status == ConversationStatus.CLOSED
@@ -212,7 +226,7 @@ async def ack_message(
     core: Core, who: Principal, chat_session: str, message_id: str, status: str, *, path_site: str | None
 ) -> dict[str, Any]:
     """The chatbot says a counselor message reached the client (``delivered``, ``read``) or not."""
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     async with core.tx() as tx:
         conv = await _chatbot_conversation(tx, who, chat_session, path_site)
         m = await tx.session.scalar(
@@ -266,7 +280,7 @@ async def list_chats(
     chat_session: str | None,
     status: str | None,
 ) -> dict[str, Any]:
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     q = select(Conversation).where(Conversation.chatbot_id == who.id)
     if path_site is not None:
         q = q.where(Conversation.site == path_site)
@@ -289,7 +303,7 @@ async def list_chats(
 
 
 async def list_chat_messages(core: Core, who: Principal, chat_session: str, *, path_site: str | None) -> dict[str, Any]:
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     async with core.tx() as tx:
         conv = await _chatbot_conversation(tx, who, chat_session, path_site)
         rows = (
