@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     outbox_backoff_base_s: float = Field(0.5, gt=0)
     outbox_backoff_cap_s: float = Field(60.0, gt=0)
     outbox_max_attempts: int = Field(0, ge=0)  # 0: retry retryable failures for ever
+    # A claimed event is another instance's to retry once its claim is this old (the claimer died).
+    # Keep it above the longest peer timeout (RapidPro's timeout_s, weni_timeout_s).
+    outbox_lease_s: float = Field(60.0, gt=0)
 
     # How often background loops look at the store even when nobody woke them (safety net).
     poll_interval_s: float = Field(1.0, gt=0)

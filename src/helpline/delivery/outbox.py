@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 
 import structlog
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, case, exists, func, select, update
 from sqlalchemy.orm import aliased
 
 from helpline import metrics
@@ -32,8 +32,6 @@ from helpline.domain.sites import Site
 from helpline.store.models import Conversation, Message, OutboxEvent
 
 log = structlog.get_logger("helpline.outbox")
-
-LEASE_S = 120.0
 
 
 def _add(tx: Tx, site: Site, conv: Conversation, event: str, params: dict[str, str], message_ref: int | None) -> None:
@@ -111,6 +109,8 @@ class OutboxWorker:
     async def run(self) -> None:
         s = self.core.settings
         while True:
+            # Cleared before looking, so a wake-up that comes while we look is not lost.
+            self.core.outbox_wakeup.clear()
             try:
                 batch = await self._claim(s.outbox_concurrency)
             except Exception:
@@ -120,17 +120,33 @@ class OutboxWorker:
                 await asyncio.gather(*(self._deliver(e) for e in batch))
                 continue
             wait = min(s.poll_interval_s, await self._until_next_due())
-            self.core.outbox_wakeup.clear()
             try:
                 await asyncio.wait_for(self.core.outbox_wakeup.wait(), timeout=max(0.0, wait))
             except TimeoutError:
                 pass
 
     async def _until_next_due(self) -> float:
+        """Seconds until a head of a conversation's queue may be claimed. Only heads count: the
+        events behind a head in backoff (or in flight) are "due" but cannot go, and waiting for
+        them would spin this loop for as long as RapidPro is down."""
+        earlier = aliased(OutboxEvent)
+        due_at = case(
+            (OutboxEvent.claimed_until > OutboxEvent.next_attempt_at, OutboxEvent.claimed_until),
+            else_=OutboxEvent.next_attempt_at,
+        )
         try:
             async with self.core.sessionmaker() as session:
                 nxt = await session.scalar(
-                    select(func.min(OutboxEvent.next_attempt_at)).where(OutboxEvent.status == "pending")
+                    select(func.min(due_at)).where(
+                        OutboxEvent.status == "pending",
+                        ~exists().where(
+                            and_(
+                                earlier.conversation_id == OutboxEvent.conversation_id,
+                                earlier.status == "pending",
+                                earlier.id < OutboxEvent.id,
+                            )
+                        ),
+                    )
                 )
         except Exception:
             return self.core.settings.poll_interval_s
@@ -161,7 +177,7 @@ class OutboxWorker:
                 )
             ).all()
             for r in rows:
-                r.claimed_until = t + LEASE_S
+                r.claimed_until = t + self.core.settings.outbox_lease_s
             return rows
 
     async def _deliver(self, ev: OutboxEvent) -> None:

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from helpline.domain.events import Event, EventHub
 from helpline.domain.sites import Site, SiteRegistry
 from helpline.settings import Settings
-from helpline.store.db import make_engine, make_sessionmaker
+from helpline.store import bus
+from helpline.store.db import is_sqlite, make_engine, make_sessionmaker
 
 
 def now() -> float:
@@ -37,6 +38,14 @@ class Tx:
     def notify_site(self, site: str, type_: str, **data: Any) -> None:
         self.site_events.append((site, {"type": type_, **data}))
 
+    def bus_messages(self) -> list[bus.Message]:
+        messages: list[bus.Message] = [{"u": u, "e": e} for u, e in self.user_events]
+        messages += [{"s": s, "e": e} for s, e in self.site_events]
+        wake = [name for name, on in (("hunter", self.wake_hunter), ("outbox", self.wake_outbox)) if on]
+        if wake:
+            messages.append({"wake": wake})
+        return messages
+
 
 class Core:
     def __init__(self, settings: Settings, sites: SiteRegistry) -> None:
@@ -47,6 +56,10 @@ class Core:
         self.hub = EventHub()
         self.hunter_wakeup = asyncio.Event()
         self.outbox_wakeup = asyncio.Event()
+        # On PostgreSQL, events and wake-ups reach every instance through LISTEN/NOTIFY.
+        self.listener: bus.Listener | None = None
+        if not is_sqlite(settings.database_url):
+            self.listener = bus.Listener(settings.database_url, self.sessionmaker, self.deliver)
 
     def site(self, slug: str) -> Site:
         found = self.sites.get(slug)
@@ -57,12 +70,32 @@ class Core:
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:
         async with self.sessionmaker() as session:
+            via_bus = False
             async with session.begin():
                 t = Tx(session)
                 yield t
-        self.announce(t)
+                via_bus = self._bus_up()
+                if via_bus:
+                    messages = t.bus_messages()
+                    if messages:
+                        await bus.send(session, messages, now())
+        if not via_bus:
+            self.announce(t)
+
+    def _bus_up(self) -> bool:
+        return self.listener is not None and self.listener.connected.is_set()
+
+    def deliver(self, msg: bus.Message) -> None:
+        """One message from the bus: publish it to this instance's sockets, or wake a loop."""
+        if "u" in msg:
+            self.hub.publish(int(msg["u"]), msg["e"])
+        elif "s" in msg:
+            self.hub.publish_site(str(msg["s"]), msg["e"])
+        for name in msg.get("wake", ()):
+            (self.hunter_wakeup if name == "hunter" else self.outbox_wakeup).set()
 
     def announce(self, t: Tx) -> None:
+        """Without a bus (SQLite, or while it reconnects), events go to this instance's sockets."""
         for user_id, event in t.user_events:
             self.hub.publish(user_id, event)
         for site, event in t.site_events:

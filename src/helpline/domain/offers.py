@@ -9,7 +9,7 @@ from helpline.domain.core import Tx
 from helpline.domain.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation
 from helpline.domain.views import offer_view
-from helpline.store.models import Agent, Conversation, Offer
+from helpline.store.models import Conversation, Offer
 
 
 async def make_offer(tx: Tx, site: Site, conv: Conversation, counselor_id: int, t: float) -> Offer:
@@ -26,9 +26,6 @@ async def make_offer(tx: Tx, site: Site, conv: Conversation, counselor_id: int, 
     )
     tx.session.add(offer)
     await tx.session.flush()
-    agent = await tx.session.get(Agent, counselor_id)
-    if agent is not None:
-        agent.last_offer_at = t
     metrics.OFFERS_MADE.labels(site.slug).inc()
     tx.notify(counselor_id, "offer", offer=offer_view(offer, conv))
     tx.notify_site(site.slug, "queue_changed", conversation_id=conv.id)
@@ -47,3 +44,16 @@ async def requeue_if_unoffered(tx: Tx, conversation_id: str) -> None:
         conv.status = move_conversation(conv.status, ConversationStatus.QUEUED)
         tx.wake_hunter = True
         tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+
+
+async def lock_conversation_of(tx: Tx, offer_id: int) -> None:
+    """Lock the conversation of offer ``offer_id`` before the offer itself.
+
+    Rows are locked in one order everywhere: a conversation, then its offers, then agents (closing,
+    hunting and transfers lock the conversation first). A path that locked an offer first, then its
+    conversation, would deadlock on PostgreSQL with one going the other way: two counselors reading
+    ringall offers of one conversation at once, or a read racing the chatbot's close.
+    """
+    conversation_id = await tx.session.scalar(select(Offer.conversation_id).where(Offer.id == offer_id))
+    if conversation_id is not None:
+        await tx.session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())

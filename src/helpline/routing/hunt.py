@@ -73,6 +73,9 @@ class Hunter:
             due = (
                 await tx.session.scalars(
                     select(Offer)
+                    # Locks the conversation with its offer (skipping both when either is busy), so
+                    # the lapse never waits on a row while holding one: see lock_conversation_of.
+                    .join(Conversation, Conversation.id == Offer.conversation_id)
                     .where(Offer.status == OfferStatus.PENDING, Offer.deadline <= t)
                     .order_by(Offer.deadline)
                     .limit(BATCH)
@@ -146,27 +149,32 @@ class Hunter:
     async def _eligible(
         self, tx: Tx, conv: Conversation, cands: Sequence[Candidate], site: Site, t: float
     ) -> list[Candidate]:
-        """Not the counselors who just let this conversation's offer lapse (or declined it), unless
-        nobody else can take it: then they get it again after ``retry_gap_s``."""
-        last_round = (
+        """Counselors who have not yet let this conversation lapse (or declined it) come first.
+
+        When every candidate has, the one whose miss is oldest gets it again, once ``retry_gap_s``
+        has passed since the last miss: the hunt never stops, and never ping-pongs between two
+        absent counselors while a third is free.
+        """
+        rows = (
             await tx.session.execute(
-                select(Offer.counselor_id, Offer.resolved_at).where(
+                select(Offer.counselor_id, func.max(func.coalesce(Offer.resolved_at, Offer.created_at)))
+                .where(
                     Offer.conversation_id == conv.id,
                     Offer.status.in_([OfferStatus.TIMED_OUT, OfferStatus.DECLINED]),
-                    Offer.created_at
-                    == select(func.max(Offer.created_at)).where(Offer.conversation_id == conv.id).scalar_subquery(),
                 )
+                .group_by(Offer.counselor_id)
             )
         ).all()
-        if not last_round:
+        missed: dict[int, float] = {uid: at for uid, at in rows}
+        if not missed:
             return list(cands)
-        lapsed = {uid for uid, _ in last_round}
-        others = [c for c in cands if c.counselor_id not in lapsed]
+        others = [c for c in cands if c.counselor_id not in missed]
         if others:
             return others
-        ended = max(r or t for _, r in last_round)
-        if t - ended >= site.routing.retry_gap_s:
-            return list(cands)
-        retry_at = ended + site.routing.retry_gap_s
-        self._next_retry = retry_at if self._next_retry is None else min(self._next_retry, retry_at)
-        return []
+        last_miss = max(missed.values())
+        if t - last_miss < site.routing.retry_gap_s:
+            retry_at = last_miss + site.routing.retry_gap_s
+            self._next_retry = retry_at if self._next_retry is None else min(self._next_retry, retry_at)
+            return []
+        oldest = min(missed[c.counselor_id] for c in cands)
+        return [c for c in cands if missed[c.counselor_id] == oldest]

@@ -24,11 +24,20 @@ async def candidates(session: AsyncSession, site: Site, t: float) -> list[Candid
         .group_by(Offer.counselor_id)
         .subquery()
     )
+    # When each was last offered anything: read from the offers, not kept on the agent's row, so
+    # hunting (on any instance) never writes to agents rows that counselors' own requests lock.
+    offered = (
+        select(Offer.counselor_id.label("uid"), func.max(Offer.created_at).label("at"))
+        .where(Offer.site == site.slug)
+        .group_by(Offer.counselor_id)
+        .subquery()
+    )
     active = func.coalesce(assigned.c.n, 0) + func.coalesce(pending.c.n, 0)
     rows = (
         await session.execute(
-            select(Agent.user_id, active, Agent.last_assigned_at, Agent.last_offer_at)
+            select(Agent.user_id, active, Agent.last_assigned_at, func.coalesce(offered.c.at, 0.0))
             .outerjoin(assigned, assigned.c.uid == Agent.user_id)
+            .outerjoin(offered, offered.c.uid == Agent.user_id)
             .outerjoin(pending, pending.c.uid == Agent.user_id)
             .where(
                 Agent.site == site.slug,
