@@ -252,16 +252,18 @@ def test_a_site_bound_chatbot_may_only_post_for_its_site(env: Env) -> None:
     with client(env, bot.token or "") as http:
         error_of(http.post("/sites/ke/api/chat/", json=chat_body("s1")), 403, "permission_denied")
         error_of(http.post("/sites/ke/open/api/chat/", json=chat_body("s1")), 403, "permission_denied")
-        # Without a site path, the default site (ke) is not this chatbot's either...
-        error_of(http.post("/api/chat/", json=chat_body("s1")), 403, "permission_denied")
-        # ...but its own site, by path or by location, is.
+        # A location of another site is refused too...
+        error_of(http.post("/api/chat/", json=chat_body("s0", location="KE")), 403, "permission_denied")
+        # ...but its own site, by path, by location, or as its home when neither is given, is.
         r = http.post("/sites/tz/api/chat/", json=chat_body("s1"))
         assert r.status_code == 201, r.text
         assert r.json()["created"] is True
         r = http.post("/api/chat/", json=chat_body("s2", location="TZ"))
         assert r.status_code == 201, r.text
+        r = http.post("/api/chat/", json=chat_body("s3"))
+        assert r.status_code == 201, r.text
         sites = {c["chat_session"]: c["site"] for c in http.get("/api/chat/").json()["results"]}
-        assert sites == {"s1": "tz", "s2": "tz"}
+        assert sites == {"s1": "tz", "s2": "tz", "s3": "tz"}
         # Continuing its tz conversation through the ke path is still refused for the site.
         error_of(http.post("/sites/ke/api/chat/", json=chat_body("s1", "again")), 403, "permission_denied")
         error_of(http.get("/sites/ke/api/chat/"), 403, "permission_denied")

@@ -87,7 +87,7 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
         )
         created = conv is None
         if conv is None:
-            site = core.sites.choose(path_slug=path_site, location=msg.location)
+            site = core.sites.choose(path_slug=path_site, location=msg.location, home=who.site)
             if site is None:
                 raise NotFound(f"unknown site {path_site!r}")
             who.require_site(site.slug)

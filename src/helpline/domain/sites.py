@@ -87,10 +87,11 @@ class SiteRegistry:
     def by_country(self, country: str) -> Site | None:
         return self._by_country.get(country.strip().upper())
 
-    def choose(self, *, path_slug: str | None, location: str | None) -> Site | None:
-        """The per-site path wins, then the ``location`` country, then the default site.
+    def choose(self, *, path_slug: str | None, location: str | None, home: str | None = None) -> Site | None:
+        """The per-site path wins, then the ``location`` country, then ``home`` (the caller's own
+        site, if it has one), then the default site.
 
-        Returns ``None`` for an unknown path slug; an unknown country falls back to the default.
+        Returns ``None`` for an unknown path slug; an unknown country falls back to home or default.
         """
         if path_slug is not None:
             return self.get(path_slug)
@@ -98,7 +99,7 @@ class SiteRegistry:
             found = self.by_country(location)
             if found is not None:
                 return found
-        return self.default
+        return (self.get(home) if home else None) or self.default
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SiteRegistry:
