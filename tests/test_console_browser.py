@@ -352,8 +352,9 @@ def test_supervisor_page(make_env: Callable[..., Env], page: Page) -> None:
     env.server.call(_seed_history(env, "weni", "chloe"))
 
     # Baraka takes a conversation; RapidPro refuses its "assigned" event for good: a dead letter.
-    rapidpro.fail_next(1, 400)
     assert bot.send("weni-sup-1", "hello?", risk="medium", contact_urn="telegram:555").status_code == 201
+    rapidpro.wait_for(lambda rs: any(p["event"] == "queued" for p in params(rs, "weni-sup-1")))
+    rapidpro.fail_next(1, 400)
     offer = baraka.wait_for("offer")["offer"]
     assert baraka.read_offer(offer["id"]).status_code == 200
     rapidpro.wait_for(lambda rs: any(r.status == 400 for r in rs), accepted_only=False)

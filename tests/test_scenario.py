@@ -56,9 +56,17 @@ def test_full_conversation_every_hop(make_env: Callable[..., Env]) -> None:
     assert r.json()["conversation"]["status"] == "assigned"
     assert [m["text"] for m in r.json()["messages"]] == ["someone is hurting me"]
 
-    # RapidPro hears "assigned" (with the counselor's pseudonym) and the ack of the waiting message.
-    rapidpro.wait_for(lambda rs: len(params_of(rs, "weni-7f3a")) >= 2)
-    assigned, ack = params_of(rapidpro.accepted, "weni-7f3a")[:2]
+    # RapidPro heard "queued" (first in line, the default estimate: nothing assigned yet), then
+    # "assigned" (with the counselor's pseudonym) and the ack of the waiting message.
+    rapidpro.wait_for(lambda rs: len(params_of(rs, "weni-7f3a")) >= 3)
+    queued, assigned, ack = params_of(rapidpro.accepted, "weni-7f3a")[:3]
+    assert queued == {
+        "event": "queued",
+        "conversation_id": "weni-7f3a",
+        "position": "1",
+        "estimated_wait_s": "60",
+        "site": "Childline Kenya",
+    }
     assert assigned["event"] == "assigned" and assigned["counselor_name"] == "Baraka"
     assert ack == {"event": "ack", "conversation_id": "weni-7f3a", "message_id": "in-1", "status": "delivered"}
     assert rapidpro.accepted[0].body["urns"] == ["telegram:23343411"]

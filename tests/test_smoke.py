@@ -20,4 +20,4 @@ def test_chatbot_message_is_offered_to_a_counselor_who_reads_it(env: Env) -> Non
     assert r.status_code == 201, r.text
     starts = env.rapidpro.wait_for(lambda rs: any(x.body.get("params", {}).get("event") == "message" for x in rs))
     events = [s.body["params"]["event"] for s in starts]
-    assert events[:3] == ["assigned", "ack", "message"]
+    assert events[:4] == ["queued", "assigned", "ack", "message"]

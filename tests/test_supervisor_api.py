@@ -268,7 +268,7 @@ def test_dead_letter_shows_and_replay_sends_it_again(make_env: Callable[..., Env
     r = amina.read_offer(offer["id"])
     assert r.status_code == 200
     conv = r.json()["conversation"]["id"]
-    rapidpro.wait_for(lambda rs: len(params(rs, "ke-dead")) >= 2)  # assigned + ack
+    rapidpro.wait_for(lambda rs: len(params(rs, "ke-dead")) >= 3)  # queued + assigned + ack
 
     # RapidPro refuses the counselor's message with a 400: dead letter, message failed.
     rapidpro.fail_next(1, 400)

@@ -9,15 +9,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Response
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
 from helpline import console, metrics
-from helpline.api import counselors, errors, openchs, supervisor, weni, ws
+from helpline.api import cases, counselors, errors, openchs, supervisor, weni, ws
 from helpline.delivery.outbox import OutboxWorker
 from helpline.delivery.rapidpro import RapidProClient
 from helpline.delivery.weni import WeniClient
 from helpline.domain.core import Core
+from helpline.domain.retention import run_retention
 from helpline.domain.sites import SiteRegistry
+from helpline.logs import install_redaction
+from helpline.routing.asterisk import AsteriskPresence
 from helpline.routing.hunt import Hunter
 from helpline.settings import Settings
 from helpline.store.migrate import upgrade
@@ -33,6 +37,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_redaction()  # after uvicorn has configured its loggers
         core = Core(settings, sites)
         await upgrade(core.engine)
         app.state.core = core
@@ -48,6 +53,12 @@ def create_app(
                 asyncio.create_task(Hunter(core).run(), name="hunter"),
                 asyncio.create_task(OutboxWorker(core, client, weni_client).run(), name="outbox"),
             ]
+            phones = AsteriskPresence.for_core(core)  # sites with [site.asterisk]
+            if phones is not None:
+                core.presence_sink = phones
+                tasks.append(asyncio.create_task(phones.run(), name="asterisk"))
+            if settings.retention_days > 0:
+                tasks.append(asyncio.create_task(run_retention(core), name="retention"))
         try:
             yield
         finally:
@@ -66,12 +77,22 @@ def create_app(
         summary="Bridges a chatbot platform (Weni/RapidPro) to child-helpline counselors (OpenCHS).",
         lifespan=lifespan,
     )
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # none by default: the console is same-origin and needs no CORS
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+            max_age=600,
+        )
     errors.install(app)
     weni.install(app)  # the Weni contract's error body under /v1
     for prefix in CHATBOT_PREFIXES:
         app.include_router(openchs.router, prefix=prefix, include_in_schema=prefix in ("/api", "/sites/{site}/api"))
     app.include_router(counselors.router, prefix="/api")
     app.include_router(supervisor.router, prefix="/api")
+    app.include_router(cases.router, prefix="/api")
     app.include_router(weni.agent_router, prefix="/api")
     for prefix in ("/v1", "/sites/{site}/v1"):
         app.include_router(weni.router, prefix=prefix, include_in_schema=prefix == "/v1")

@@ -1,4 +1,4 @@
-"""``helpline``: serve, migrate, createuser, issuetoken, demo."""
+"""``helpline``: serve, migrate, createuser, issuetoken, purge, demo."""
 
 from __future__ import annotations
 
@@ -83,6 +83,9 @@ def createuser(
     password: Annotated[str, typer.Option()],
     site: Annotated[str | None, typer.Option(help="site slug ('*': all sites); default: the default site")] = None,
     name: Annotated[str | None, typer.Option(help="pseudonym shown to clients")] = None,
+    extension: Annotated[
+        str | None, typer.Option(help="phone extension: the counselor's Asterisk queue interface, if the site has one")
+    ] = None,
     sites: Annotated[str | None, typer.Option(help="sites TOML file")] = None,
 ) -> None:
     """Create a user."""
@@ -92,7 +95,9 @@ def createuser(
         core = Core(settings, SiteRegistry.from_toml(settings.sites))
         try:
             await upgrade(core.engine)
-            who = await create_user(core, username=username, password=password, role=role, site=site, name=name)
+            who = await create_user(
+                core, username=username, password=password, role=role, site=site, name=name, extension=extension
+            )
             console.print(f"created {who.role.value} [bold]{who.username}[/bold] (site {who.site}, id {who.id})")
         finally:
             await core.close()
@@ -128,6 +133,41 @@ def issuetoken(
         raise typer.Exit(2) from exc
     typer.echo(token)
     Console(stderr=True).print(f"token for [bold]{username}[/bold], valid until {iso(expires_at)}")
+
+
+@app.command()
+def purge(
+    days: Annotated[
+        int | None,
+        typer.Option(min=0, help="purge conversations closed more than N days ago (default: $HELPLINE_RETENTION_DAYS)"),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only count what would be purged")] = False,
+    sites: Annotated[str | None, typer.Option(help="sites TOML file")] = None,
+) -> None:
+    """Empty the texts and client identifiers of conversations closed more than N days ago (keeps statistics)."""
+    from helpline.domain.retention import PurgeReport
+    from helpline.domain.retention import purge as run_purge
+
+    settings = _settings(sites)
+    n = settings.retention_days if days is None else days
+    if n <= 0:
+        console.print("retention is off (0 days keeps everything): set HELPLINE_RETENTION_DAYS or give --days N")
+        return
+
+    async def run() -> PurgeReport:
+        core = Core(settings, SiteRegistry.from_toml(settings.sites))
+        try:
+            await upgrade(core.engine)
+            return await run_purge(core, days=n, dry_run=dry_run)
+        finally:
+            await core.close()
+
+    report = asyncio.run(run())
+    verb = "would purge" if dry_run else "purged"
+    console.print(
+        f"{verb} {report.conversations} conversation(s) closed before {iso(report.cutoff)} "
+        f"({report.messages} message(s)) and {report.outbox_events} outbox event(s)"
+    )
 
 
 @app.command()

@@ -53,3 +53,12 @@ class Settings(BaseSettings):
     # Attachments (URL references): size limit, and the content types a counselor may send.
     attachment_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
     attachment_content_types: str = "image/*,audio/*,video/*,application/pdf,text/plain"
+
+    # Child-data protection. Closed conversations older than this many days lose their texts,
+    # attachments and client identifiers (anonymous statistics stay); 0 keeps everything for ever.
+    retention_days: int = Field(0, ge=0)
+    # How often each instance runs the purge (PostgreSQL: instances share the work safely).
+    retention_interval_s: float = Field(86400.0, gt=0)
+    # Browser origins allowed to call the API cross-origin ("https://a.example,https://b.example");
+    # empty: none (the console is served by the app itself and needs no CORS).
+    cors_origins: str = ""

@@ -7,8 +7,23 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
+from helpline.api.cases import client_address
 from helpline.api.deps import body_doc, core_of, principal, read_json
 from helpline.api.errors import responses
+from helpline.api.schemas import (
+    ConversationClosed,
+    ConversationList,
+    ConversationMessages,
+    ConversationMoved,
+    MessagesRead,
+    MessageView,
+    MeView,
+    OfferDeclined,
+    OfferList,
+    OfferTaken,
+    PresenceView,
+    answer,
+)
 from helpline.api.weni import AttachmentIn
 from helpline.domain import counselors as cs
 from helpline.domain.auth import Principal
@@ -57,7 +72,12 @@ async def _optional_body(request: Request, model: type[CloseIn]) -> CloseIn:
     return model()
 
 
-@router.get("/agents/me", responses=ERR, summary="Who I am, my presence and load")
+@router.get(
+    "/agents/me",
+    response_model=None,
+    responses={**answer(MeView, "who I am"), **ERR},
+    summary="Who I am, my presence and load",
+)
 async def me(request: Request, who: Caller) -> dict[str, Any]:
     return await cs.me(core_of(request), who)
 
@@ -65,7 +85,8 @@ async def me(request: Request, who: Caller) -> dict[str, Any]:
 @router.put(
     "/agents/me/presence",
     openapi_extra=body_doc(PresenceIn),
-    responses=BODY_ERR,
+    response_model=None,
+    responses={**answer(PresenceView, "my presence now"), **BODY_ERR},
     summary="Join the queue (available), pause with a reason, or leave (offline)",
 )
 async def presence(request: Request, who: Caller) -> dict[str, Any]:
@@ -73,22 +94,39 @@ async def presence(request: Request, who: Caller) -> dict[str, Any]:
     return await cs.set_presence(core_of(request), who, body.status, body.reason)
 
 
-@router.get("/offers/", responses=ERR, summary="My pending offers")
+@router.get(
+    "/offers/", response_model=None, responses={**answer(OfferList, "oldest first"), **ERR}, summary="My pending offers"
+)
 async def offers(request: Request, who: Caller) -> dict[str, Any]:
     return await cs.list_offers(core_of(request), who)
 
 
-@router.post("/offers/{offer_id}/read", responses=ERR, summary="Read an offer: the conversation is mine")
+@router.post(
+    "/offers/{offer_id}/read",
+    response_model=None,
+    responses={**answer(OfferTaken, "the conversation is mine, with its messages"), **ERR},
+    summary="Read an offer: the conversation is mine",
+)
 async def read_offer(request: Request, who: Caller, offer_id: int) -> dict[str, Any]:
-    return await cs.read_offer(core_of(request), who, offer_id)
+    return await cs.read_offer(core_of(request), who, offer_id, address=client_address(request))
 
 
-@router.post("/offers/{offer_id}/decline", responses=ERR, summary="Decline an offer (409 when it has lapsed)")
+@router.post(
+    "/offers/{offer_id}/decline",
+    response_model=None,
+    responses={**answer(OfferDeclined, "declined"), **ERR},
+    summary="Decline an offer (409 when it has lapsed)",
+)
 async def decline_offer(request: Request, who: Caller, offer_id: int) -> dict[str, Any]:
     return await cs.decline_offer(core_of(request), who, offer_id)
 
 
-@router.get("/conversations/", responses=ERR, summary="My open conversations (a supervisor: the site's)")
+@router.get(
+    "/conversations/",
+    response_model=None,
+    responses={**answer(ConversationList, "newest first"), **ERR},
+    summary="My open conversations (a supervisor: the site's)",
+)
 async def conversations(
     request: Request,
     who: Caller,
@@ -98,16 +136,22 @@ async def conversations(
     return await cs.list_conversations(core_of(request), who, status=status, limit=limit)
 
 
-@router.get("/conversations/{conversation_id}/messages/", responses=ERR, summary="A conversation's messages")
+@router.get(
+    "/conversations/{conversation_id}/messages/",
+    response_model=None,
+    responses={**answer(ConversationMessages, "the conversation and its messages"), **ERR},
+    summary="A conversation's messages (audited)",
+)
 async def messages(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
-    return await cs.conversation_messages(core_of(request), who, conversation_id)
+    return await cs.conversation_messages(core_of(request), who, conversation_id, address=client_address(request))
 
 
 @router.post(
     "/conversations/{conversation_id}/messages/",
     status_code=201,
     openapi_extra=body_doc(ReplyIn),
-    responses=BODY_ERR,
+    response_model=None,
+    responses={**answer(MessageView, "the message, pending delivery", 201), **BODY_ERR},
     summary="Reply to the client",
 )
 async def reply(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
@@ -118,7 +162,8 @@ async def reply(request: Request, who: Caller, conversation_id: str) -> dict[str
 
 @router.post(
     "/conversations/{conversation_id}/read/",
-    responses=ERR,
+    response_model=None,
+    responses={**answer(MessagesRead, "the client's messages now read"), **ERR},
     summary="I have read the client's messages (RapidPro is told)",
 )
 async def mark_read(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
@@ -128,20 +173,29 @@ async def mark_read(request: Request, who: Caller, conversation_id: str) -> dict
 @router.post(
     "/conversations/{conversation_id}/close/",
     openapi_extra=body_doc(CloseIn),
-    responses=BODY_ERR,
+    response_model=None,
+    responses={**answer(ConversationClosed, "closed (or closed already)"), **BODY_ERR},
     summary="End the conversation (the chatbot is told)",
 )
 async def close(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
     body = await _optional_body(request, CloseIn)
-    return await cs.close(core_of(request), who, conversation_id, body.reason)
+    return await cs.close(core_of(request), who, conversation_id, body.reason, address=client_address(request))
 
 
 @router.post(
     "/conversations/{conversation_id}/transfer/",
     openapi_extra=body_doc(TransferIn),
-    responses=BODY_ERR,
+    response_model=None,
+    responses={**answer(ConversationMoved, "queued for the other site, or offered to the counselor"), **BODY_ERR},
     summary="Hand the conversation to another counselor or site",
 )
 async def transfer(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
     body = await read_json(request, TransferIn)
-    return await cs.transfer(core_of(request), who, conversation_id, counselor=body.counselor, site=body.site)
+    return await cs.transfer(
+        core_of(request),
+        who,
+        conversation_id,
+        counselor=body.counselor,
+        site=body.site,
+        address=client_address(request),
+    )

@@ -104,7 +104,34 @@ def _fields_from_validation(errors: list[Any]) -> dict[str, list[str]]:
     return fields
 
 
+def _document_validation_errors(app: FastAPI) -> None:
+    """In ``/openapi.json``, a 422 is the one error body, not FastAPI's ``{"detail": [...]}``.
+
+    FastAPI documents a 422 ``HTTPValidationError`` on every route with parameters; the handler
+    below answers those requests with the one error body (``/v1`` routes document their own).
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()  # cached by FastAPI in app.openapi_schema: changed in place
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                answer = operation.get("responses", {}).get("422", {})
+                ref = answer.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+                if ref.endswith("/HTTPValidationError"):
+                    operation["responses"]["422"] = responses(422)[422]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    _document_validation_errors(app)
+
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictStr, Wi
 
 from helpline.api.deps import body_doc, core_of, principal, read_json, token_from_header
 from helpline.api.errors import ApiError, responses
+from helpline.api.schemas import ChatAcked, ChatClosed, ChatList, ChatMessages, answer
 from helpline.domain import conversations as convs
 from helpline.domain.auth import Principal, issue_token, revoke_token
 from helpline.domain.states import Risk
@@ -106,7 +107,7 @@ router = APIRouter(tags=["chatbot"])
     "/token/",
     response_model=TokenOut,
     openapi_extra=body_doc(TokenIn),
-    responses=responses(400, 401, 413, 415, 422, 429, 503),
+    responses=responses(400, 401, 404, 413, 415, 422, 429, 503),
     summary="Exchange a username and password for a time-bound token",
 )
 async def token(request: Request, _site: SiteSlug) -> dict[str, Any]:
@@ -130,7 +131,7 @@ async def revoke(request: Request, _who: Caller) -> Response:
     response_model=ChatAnswer,
     openapi_extra=body_doc(ChatPost),
     responses={
-        200: {"description": "a repeat of a message_id: the first answer"},
+        **answer(ChatAnswer, "a repeat of a message_id: the first answer"),
         **responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
     },
     summary="One message from the chatbot: starts or continues a conversation",
@@ -158,7 +159,12 @@ async def post_chat(request: Request, who: Caller, site: SiteSlug) -> JSONRespon
     return JSONResponse(answer.body, status_code=201 if answer.created else 200)
 
 
-@router.get("/chat/", responses=responses(401, 403, 404, 422, 503), summary="The caller's chats, newest first")
+@router.get(
+    "/chat/",
+    response_model=None,
+    responses={**answer(ChatList, "the chats, and the cursor of the next page"), **responses(401, 403, 404, 422, 503)},
+    summary="The caller's chats, newest first",
+)
 async def list_chats(
     request: Request,
     who: Caller,
@@ -175,7 +181,8 @@ async def list_chats(
 
 @router.get(
     "/chat/{chat_session}/messages/",
-    responses=responses(401, 403, 404, 503),
+    response_model=None,
+    responses={**answer(ChatMessages, "the messages, oldest first"), **responses(401, 403, 404, 503)},
     summary="A conversation's messages with their delivery status",
 )
 async def chat_messages(request: Request, who: Caller, site: SiteSlug, chat_session: str) -> dict[str, Any]:
@@ -185,7 +192,8 @@ async def chat_messages(request: Request, who: Caller, site: SiteSlug, chat_sess
 @router.post(
     "/chat/{chat_session}/close/",
     openapi_extra=body_doc(ClosePost),
-    responses=responses(400, 401, 403, 404, 413, 415, 422, 503),
+    response_model=None,
+    responses={**answer(ChatClosed, "closed (or closed already)"), **responses(400, 401, 403, 404, 413, 415, 422, 503)},
     summary="The chatbot ends the conversation",
 )
 async def close_chat(request: Request, who: Caller, site: SiteSlug, chat_session: str) -> dict[str, Any]:
@@ -197,7 +205,8 @@ async def close_chat(request: Request, who: Caller, site: SiteSlug, chat_session
 @router.post(
     "/chat/{chat_session}/ack/",
     openapi_extra=body_doc(AckPost),
-    responses=responses(400, 401, 403, 404, 413, 415, 422, 503),
+    response_model=None,
+    responses={**answer(ChatAcked, "the message's delivery now"), **responses(400, 401, 403, 404, 413, 415, 422, 503)},
     summary="The chatbot acknowledges a counselor message",
 )
 async def ack(request: Request, who: Caller, site: SiteSlug, chat_session: str) -> dict[str, Any]:

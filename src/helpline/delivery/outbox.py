@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import Sequence
 
 import structlog
@@ -32,6 +33,23 @@ from helpline.domain.sites import Site
 from helpline.store.models import Conversation, Message, OutboxEvent
 
 log = structlog.get_logger("helpline.outbox")
+
+# What the retention purge (domain/retention.py) leaves of a sent or dead event's payload.
+PURGED_PAYLOAD = '{"purged":true}'
+_GAVE_UP = re.compile(r"^gave up after \d+ attempts: ")
+_HTTP_STATUS = re.compile(r"^HTTP \d{3}")
+
+
+def short_reason(reason: str) -> str:
+    """A failure reason without the peer's answer, which may echo the params (message text, contact):
+    ``"HTTP 400: {...}"`` -> ``"HTTP 400"``, ``"ConnectError: ..."`` -> ``"ConnectError"``. For logs."""
+    prefix = ""
+    gave_up = _GAVE_UP.match(reason)
+    if gave_up:
+        prefix, reason = gave_up.group(0), reason[gave_up.end() :]
+    status = _HTTP_STATUS.match(reason)
+    head = status.group(0) if status else reason.split(": ", 1)[0]
+    return (prefix + head)[:200]
 
 
 def _add(tx: Tx, site: Site, conv: Conversation, event: str, params: dict[str, str], message_ref: int | None) -> None:
@@ -60,7 +78,14 @@ def _add(tx: Tx, site: Site, conv: Conversation, event: str, params: dict[str, s
     tx.wake_outbox = True
 
 
-def enqueue_event(tx: Tx, site: Site, conv: Conversation, event: str, **params: str) -> None:
+def contact_site(core: Core, conv: Conversation) -> Site:
+    """The site whose RapidPro reaches the conversation's contact: the one it came in through,
+    also after a transfer or an overflow moved it to another site's queue (that site's flow,
+    token and URN scheme do not know the contact)."""
+    return core.sites.get(conv.origin_site or conv.site) or core.site(conv.site)
+
+
+def enqueue_event(tx: Tx, site: Site, conv: Conversation, event: str, /, **params: str) -> None:
     """Queue one event (``ack``, ``queued``, ``assigned``, ``closed`` …) for the conversation's contact."""
     _add(tx, site, conv, event, {k: v[:PART_LIMIT] for k, v in params.items()}, None)
 
@@ -226,14 +251,16 @@ class OutboxWorker:
                     outbox_id=row.id,
                     attempts=row.attempts,
                     delay=round(delay, 3),
-                    reason=outcome.reason,
+                    reason=short_reason(outcome.reason),
                 )
                 return
             else:
                 row.status = "dead"
                 row.last_error = outcome.reason
                 metrics.OUTBOX_DEAD.labels(row.site).inc()
-                log.warning("outbox dead letter", outbox_id=row.id, outbox_event=row.event, reason=outcome.reason)
+                log.warning(
+                    "outbox dead letter", outbox_id=row.id, outbox_event=row.event, reason=short_reason(outcome.reason)
+                )
             if row.message_ref is not None:
                 await _update_message_status(tx, row)
             tx.wake_outbox = True
@@ -276,7 +303,7 @@ async def replay_dead(core: Core, outbox_id: int) -> bool:
     async with core.tx() as tx:
         result = await tx.session.execute(
             update(OutboxEvent)
-            .where(OutboxEvent.id == outbox_id, OutboxEvent.status == "dead")
+            .where(OutboxEvent.id == outbox_id, OutboxEvent.status == "dead", OutboxEvent.payload != PURGED_PAYLOAD)
             .values(status="pending", next_attempt_at=now(), claimed_until=0.0, attempts=0)
         )
         tx.wake_outbox = True

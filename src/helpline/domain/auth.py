@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,6 +17,8 @@ from helpline.domain.errors import Conflict, Invalid, NotAuthenticated, Permissi
 from helpline.store.models import ApiToken, LoginFailure, User
 
 ALL_SITES = "*"
+# A phone extension (the Asterisk queue interface is made from it): nothing that could break an AMI line.
+EXTENSION = re.compile(r"[A-Za-z0-9_.+*#-]{1,32}")
 
 
 class Role(StrEnum):
@@ -69,9 +72,12 @@ async def create_user(
     role: Role,
     site: str | None = None,
     name: str | None = None,
+    extension: str | None = None,
 ) -> Principal:
     if not username or len(username) > 150:
         raise Invalid("username must be 1..150 characters")
+    if extension is not None and not EXTENSION.fullmatch(extension):
+        raise Invalid("extension must be 1..32 of A-Z a-z 0-9 _ . + * # -")
     if len(password) < 8:
         raise Invalid("password must be at least 8 characters")
     slug = site or core.sites.default.slug
@@ -89,6 +95,7 @@ async def create_user(
             name=name or username,
             active=True,
             created_at=now(),
+            extension=extension,
         )
         tx.session.add(user)
         await tx.session.flush()

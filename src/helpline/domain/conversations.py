@@ -8,16 +8,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
 from helpline import metrics
+from helpline.domain import notices
 from helpline.domain.auth import Principal, Role
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
 from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
-from helpline.store.models import Conversation, IdempotencyKey, Message, Offer, User
+from helpline.store.models import Agent, Conversation, IdempotencyKey, Message, Offer, User
 
 # Order of a counselor message's delivery as the chatbot reports it; it never goes backwards.
 _OUT_RANK = {"pending": 0, "sent": 1, "delivered": 2, "read": 3}
@@ -111,8 +112,9 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
             )
             s.add(conv)
             tx.wake_hunter = True
+            await notices.conversation_created(core, tx, conv, t)  # queued, or out_of_hours
         else:
-            if path_site is not None and path_site != conv.site:
+            if path_site is not None and path_site not in (conv.site, conv.origin_site):
                 raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
             if conv.status == ConversationStatus.CLOSED:
                 raise Conflict(f"conversation {msg.chat_session!r} is closed")
@@ -172,7 +174,8 @@ async def _chatbot_conversation(tx: Tx, who: Principal, chat_session: str, path_
         .where(Conversation.chatbot_id == who.id, Conversation.chat_session == chat_session)
         .with_for_update()
     )
-    if conv is None or (path_site is not None and conv.site != path_site):
+    # A conversation transferred or overflowed to another site is still its origin site's chat.
+    if conv is None or (path_site is not None and path_site not in (conv.site, conv.origin_site)):
         raise NotFound(f"no conversation {chat_session!r}")
     return conv
 
@@ -202,8 +205,30 @@ async def close_conversation(
             closed_by=by,
             reason=reason,
         )
+    if conv.counselor_id is not None:
+        await _start_wrapup(core, tx, conv)
     tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
     tx.wake_hunter = True
+
+
+async def _start_wrapup(core: Core, tx: Tx, conv: Conversation) -> None:
+    """The counselor of a conversation that closed (whoever closed it) gets ``wrapup_s`` without
+    offers, to write their notes; the hunter wakes when it ends."""
+    site = core.sites.get(conv.site)
+    if site is None or site.routing.wrapup_s <= 0 or conv.counselor_id is None:
+        return
+    agent = await tx.session.get(Agent, conv.counselor_id, with_for_update=True)  # after the conversation
+    if agent is None:
+        return
+    agent.wrapup_until = max(agent.wrapup_until, now() + site.routing.wrapup_s)
+    view = {
+        "status": agent.status,
+        "reason": agent.reason,
+        "since": iso(agent.since),
+        "wrapup_until": iso(agent.wrapup_until),
+    }
+    tx.notify(agent.user_id, "presence", presence=view)
+    tx.notify_site(agent.site, "presence", counselor_id=agent.user_id, presence=view)
 
 
 async def close_chat(core: Core, who: Principal, chat_session: str, *, path_site: str | None) -> dict[str, Any]:
@@ -283,7 +308,7 @@ async def list_chats(
     _require_chatbot(who, path_site)
     q = select(Conversation).where(Conversation.chatbot_id == who.id)
     if path_site is not None:
-        q = q.where(Conversation.site == path_site)
+        q = q.where(or_(Conversation.site == path_site, Conversation.origin_site == path_site))
     if chat_session is not None:
         q = q.where(Conversation.chat_session == chat_session)
     if status is not None:

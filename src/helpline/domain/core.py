@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.domain.events import Event, EventHub
+from helpline.domain.presence import NoPresenceSink, PresenceSink
 from helpline.domain.sites import Site, SiteRegistry
 from helpline.settings import Settings
 from helpline.store import bus
@@ -52,8 +54,15 @@ class Core:
         self.settings = settings
         self.sites = sites
         self.engine: AsyncEngine = make_engine(settings.database_url)
-        self.sessionmaker: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
+        sqlite = is_sqlite(settings.database_url)
+        # Reads (``sessionmaker``) and writes (``tx``): on SQLite, separate engines (see store.db).
+        self.read_engine: AsyncEngine = make_engine(settings.database_url, reader=True) if sqlite else self.engine
+        self.sessionmaker: async_sessionmaker[AsyncSession] = make_sessionmaker(self.read_engine)
+        self._write_sessionmaker = make_sessionmaker(self.engine) if sqlite else self.sessionmaker
+        self._write_lock: asyncio.Lock | None = asyncio.Lock() if sqlite else None
         self.hub = EventHub()
+        # Told of every committed presence change (e.g. the Asterisk adapter); by default, nobody.
+        self.presence_sink: PresenceSink = NoPresenceSink()
         self.hunter_wakeup = asyncio.Event()
         self.outbox_wakeup = asyncio.Event()
         # On PostgreSQL, events and wake-ups reach every instance through LISTEN/NOTIFY.
@@ -69,7 +78,8 @@ class Core:
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:
-        async with self.sessionmaker() as session:
+        """One write transaction (never nest them: on SQLite writers queue on one lock)."""
+        async with self._write_lock or contextlib.nullcontext(), self._write_sessionmaker() as session:
             via_bus = False
             async with session.begin():
                 t = Tx(session)
@@ -107,3 +117,5 @@ class Core:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()

@@ -8,13 +8,14 @@ from typing import Any
 from sqlalchemy import func, select
 
 from helpline import metrics
-from helpline.delivery.outbox import enqueue_event, enqueue_message
-from helpline.domain import attachments, tickets
+from helpline.delivery.outbox import contact_site, enqueue_event, enqueue_message
+from helpline.domain import attachments, audit, hours, notices, tickets
 from helpline.domain.auth import Principal, Role
 from helpline.domain.conversations import close_conversation
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
 from helpline.domain.offers import lock_conversation_of, make_offer, requeue_if_unoffered
+from helpline.domain.presence import PresenceChange, tell_sink
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
 from helpline.domain.views import conversation_view, iso, message_view, offer_view
 from helpline.store.models import Agent, Conversation, Message, Offer, User
@@ -88,7 +89,9 @@ async def set_presence(core: Core, who: Principal, status: str, reason: str | No
         view = presence_view(agent)
         tx.notify(who.id, "presence", presence=view)
         tx.notify_site(agent.site, "presence", counselor_id=who.id, name=who.name, presence=view)
-        return view
+        change = PresenceChange(who.id, agent.site, status, agent.reason)
+    await tell_sink(core.presence_sink, change)  # committed: e.g. the Asterisk queue follows
+    return view
 
 
 async def _withdraw_offers_of(tx: Tx, counselor_id: int, *, reason: str) -> None:
@@ -138,8 +141,8 @@ async def _my_offer(tx: Tx, who: Principal, offer_id: int) -> Offer:
     return offer
 
 
-async def read_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any]:
-    """Reading an offer assigns the conversation; the client's messages become delivered."""
+async def read_offer(core: Core, who: Principal, offer_id: int, *, address: str | None = None) -> dict[str, Any]:
+    """Reading an offer assigns the conversation; the client's messages become delivered (audited)."""
     who.require_role(*STAFF)
     async with core.tx() as tx:
         await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
@@ -165,7 +168,7 @@ async def read_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any
             o.status = move_offer(o.status, OfferStatus.WITHDRAWN)
             o.resolved_at = t
             tx.notify(o.counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=conv.id, reason="taken")
-        site = core.site(conv.site)
+        site = contact_site(core, conv)  # its RapidPro, also after a transfer
         metrics.QUEUE_WAIT.labels(conv.site).observe(max(0.0, t - conv.created_at))
         enqueue_event(tx, site, conv, "assigned", counselor_name=who.name)
         waiting = (
@@ -180,6 +183,7 @@ async def read_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any
             m.status_at = t
             enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="delivered")
         tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        audit.record(tx, who, audit.Action.READ_OFFER, conversation_id=conv.id, site=conv.site, address=address)
         messages = await _messages(tx, conv.id)
         return {"offer": offer_view(offer, conv), "conversation": conversation_view(conv), "messages": messages}
 
@@ -246,10 +250,14 @@ async def list_conversations(core: Core, who: Principal, *, status: str | None, 
     return {"results": [conversation_view(c) for c in rows]}
 
 
-async def conversation_messages(core: Core, who: Principal, conversation_id: str) -> dict[str, Any]:
+async def conversation_messages(
+    core: Core, who: Principal, conversation_id: str, *, address: str | None = None
+) -> dict[str, Any]:
+    """The conversation and its messages (audited)."""
     who.require_role(*STAFF)
     async with core.tx() as tx:
         conv = await _visible_conversation(tx, who, conversation_id)
+        audit.record(tx, who, audit.Action.READ_MESSAGES, conversation_id=conv.id, site=conv.site, address=address)
         return {"conversation": conversation_view(conv), "results": await _messages(tx, conv.id)}
 
 
@@ -282,7 +290,7 @@ async def reply(
         if ticket is not None:
             tickets.agent_message(core, tx, conv, ticket, m, who)
         else:
-            enqueue_message(tx, core.site(conv.site), conv, m, who.name)
+            enqueue_message(tx, contact_site(core, conv), conv, m, who.name)
         metrics.MESSAGES_OUT.labels(conv.site).inc()
         view = message_view(m, counselor_name=who.name)
         tx.notify(who.id, "message", message=view)
@@ -302,7 +310,7 @@ async def mark_read(core: Core, who: Principal, conversation_id: str) -> dict[st
             )
         ).all()
         t = now()
-        site = core.site(conv.site)
+        site = contact_site(core, conv)  # its RapidPro, also after a transfer
         for m in unread:
             m.status = "read"
             m.status_at = t
@@ -310,7 +318,9 @@ async def mark_read(core: Core, who: Principal, conversation_id: str) -> dict[st
         return {"conversation_id": conv.id, "read": [m.external_id for m in unread]}
 
 
-async def close(core: Core, who: Principal, conversation_id: str, reason: str | None) -> dict[str, Any]:
+async def close(
+    core: Core, who: Principal, conversation_id: str, reason: str | None, *, address: str | None = None
+) -> dict[str, Any]:
     who.require_role(*STAFF)
     async with core.tx() as tx:
         conv = await _visible_conversation(tx, who, conversation_id, lock=True)
@@ -319,20 +329,24 @@ async def close(core: Core, who: Principal, conversation_id: str, reason: str | 
         if who.role == Role.COUNSELOR and conv.counselor_id != who.id:
             raise Conflict("the conversation is not assigned to you")
         await close_conversation(core, tx, conv, by="counselor", reason=reason or "resolved")
-        site = core.site(conv.site)
+        audit.record(tx, who, audit.Action.CLOSE, conversation_id=conv.id, site=conv.site, address=address)
+        site = contact_site(core, conv)  # its RapidPro, also after a transfer
         ticket = await tickets.ticket_for(tx, conv)
         if ticket is not None:
             tickets.agent_close(core, tx, conv, ticket, who, reason)
         else:
             enqueue_event(tx, site, conv, "closed", counselor_name=who.name, status=reason or "resolved")
-        if conv.counselor_id is not None and site.routing.wrapup_s > 0:
-            agent = await _agent(tx, who)
-            agent.wrapup_until = now() + site.routing.wrapup_s
         return {"conversation": conversation_view(conv), "already_closed": False}
 
 
 async def transfer(
-    core: Core, who: Principal, conversation_id: str, *, counselor: str | None, site: str | None
+    core: Core,
+    who: Principal,
+    conversation_id: str,
+    *,
+    counselor: str | None,
+    site: str | None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Hand an assigned conversation to another counselor of the site, or to another site's queue."""
     who.require_role(*STAFF)
@@ -340,26 +354,34 @@ async def transfer(
         raise Invalid("give exactly one of counselor or site", fields={"counselor": ["one of"], "site": ["one of"]})
     async with core.tx() as tx:
         conv = await _assigned_to_me(tx, who, conversation_id)
+        audit.record(tx, who, audit.Action.TRANSFER, conversation_id=conv.id, site=conv.site, address=address)
         t = now()
         if site is not None:
             target_site = core.sites.get(site)
             if target_site is None:
                 raise NotFound(f"unknown site {site!r}")
-            conv.site = target_site.slug
+            if not hours.is_open(target_site.hours, target_site.zone, t):
+                opens = notices.next_open_iso(target_site, t) or "never"
+                raise Conflict(f"{target_site.name} is closed (opens {opens})")
             target_counselor: User | None = None
         else:
+            target_site = core.site(conv.site)
             target_counselor = await tx.session.scalar(
-                select(User).where(User.username == counselor, User.role == Role.COUNSELOR.value)
+                select(User).where(User.username == counselor, User.role == Role.COUNSELOR.value, User.active.is_(True))
             )
             if target_counselor is None or target_counselor.site != conv.site or target_counselor.id == who.id:
                 raise NotFound(f"no counselor {counselor!r} of site {conv.site!r} to transfer to")
+        source = conv.site
         conv.status = move_conversation(conv.status, ConversationStatus.QUEUED)
         conv.counselor_id = None
         conv.queued_at = t
         conv.assigned_at = None
+        notices.enter_queue(conv, target_site, t)
         tx.notify(who.id, "conversation_closed", conversation_id=conv.id, closed_by="transfer", reason="transferred")
         if target_counselor is not None:
             await make_offer(tx, core.site(conv.site), conv, target_counselor.id, t)
         tx.wake_hunter = True
         tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        if source != conv.site:
+            tx.notify_site(source, "queue_changed", conversation_id=conv.id)
         return {"conversation": conversation_view(conv)}

@@ -7,8 +7,11 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from helpline.domain.hours import BusinessHours
 
 Strategy = Literal["ringall", "leastrecent", "fewestchats", "roundrobin", "random"]
 
@@ -37,6 +40,45 @@ class RapidProConfig(BaseModel):
         return self.base_url.rstrip("/") + "/api/v2/flow_starts.json"
 
 
+class AsteriskConfig(BaseModel):
+    """A site's Asterisk queue, over AMI: "Join queue" adds the counselor, pause and leave follow, and a
+    counselor whose phone is busy (or paused in Asterisk) gets no chat offers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(5038, gt=0, lt=65536)
+    username: str
+    secret: str = Field("", repr=False)
+    secret_env: str | None = None
+    queue: str = Field(min_length=1)
+    # A counselor's queue interface, from their extension: "PJSIP/{extension}",
+    # "Local/{extension}@from-queue/n", ...
+    interface: str = "PJSIP/{extension}"
+    timeout_s: float = Field(5.0, gt=0)  # connect, login and each action
+    reconnect_min_s: float = Field(1.0, gt=0)  # backoff after a lost connection: doubles up to max
+    reconnect_max_s: float = Field(30.0, gt=0)
+    resync_s: float = Field(60.0, gt=0)  # re-read the queue (QueueStatus) and repair membership
+    ping_s: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AsteriskConfig:
+        if not self.secret and self.secret_env:
+            object.__setattr__(self, "secret", os.environ.get(self.secret_env, ""))
+        if "{extension}" not in self.interface:
+            raise ValueError("asterisk.interface must contain {extension}")
+        try:
+            self.interface.format(extension="1")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"asterisk.interface: only {{extension}} may be substituted ({exc})") from exc
+        if any(c in self.queue + self.interface + self.username for c in "\r\n"):
+            raise ValueError("asterisk settings may not contain line breaks")
+        return self
+
+    def interface_for(self, extension: str) -> str:
+        return self.interface.format(extension=extension)
+
+
 class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,6 +88,17 @@ class RoutingConfig(BaseModel):
     max_chats_per_counselor: int = Field(3, ge=1)
     autopause_on_no_answer: bool = True
     wrapup_s: float = Field(0.0, ge=0)
+    # Client notices and overflow (see domain/notices.py and routing/overflow.py).
+    position_notice_s: float = Field(0.0, ge=0)  # 0: no position updates
+    max_wait_s: float = Field(0.0, ge=0)  # 0: overflow only when nobody is logged in
+    overflow_site: str | None = None
+    max_overflow_depth: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _overflow(self) -> RoutingConfig:
+        if self.max_wait_s > 0 and not self.overflow_site:
+            raise ValueError("max_wait_s needs an overflow_site to move the conversation to")
+        return self
 
 
 class Site(BaseModel):
@@ -58,6 +111,21 @@ class Site(BaseModel):
     default: bool = False
     rapidpro: RapidProConfig
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    hours: BusinessHours = Field(default_factory=BusinessHours)
+    asterisk: AsteriskConfig | None = None  # optional: mirror presence into an Asterisk queue
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
 
 class SiteRegistry:
@@ -73,6 +141,10 @@ class SiteRegistry:
         if len(defaults) > 1:
             raise ValueError("at most one site may be the default")
         self.default = defaults[0] if defaults else sites[0]
+        for s in sites:
+            target = s.routing.overflow_site
+            if target is not None and (target == s.slug or target not in self._by_slug):
+                raise ValueError(f"site {s.slug!r}: overflow_site {target!r} must be another configured site")
         self._by_country: dict[str, Site] = {}
         for s in sites:
             for c in s.countries:

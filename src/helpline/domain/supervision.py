@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from helpline.delivery.outbox import replay_dead
+from helpline.delivery.outbox import PURGED_PAYLOAD, replay_dead
+from helpline.domain import audit
 from helpline.domain.auth import ALL_SITES, Principal, Role
 from helpline.domain.core import Core, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
@@ -215,8 +216,9 @@ async def dead_letters(core: Core, who: Principal, *, site: str | None = None, l
     return {"results": [_dead_letter_view(ev, cs) for ev, cs in rows], "count": int(total or 0)}
 
 
-async def replay(core: Core, who: Principal, outbox_id: int) -> dict[str, Any]:
-    """Send a dead letter again. 404 when unknown or of another site; 409 when it is not dead.
+async def replay(core: Core, who: Principal, outbox_id: int, *, address: str | None = None) -> dict[str, Any]:
+    """Send a dead letter again (audited). 404 when unknown or of another site; 409 when it is not
+    dead, or when the retention purge has emptied it.
 
     A counselor message that failed because of it goes back to ``pending`` (the counselor's
     console is told), and becomes ``sent`` once RapidPro takes it.
@@ -228,6 +230,9 @@ async def replay(core: Core, who: Principal, outbox_id: int) -> dict[str, Any]:
             raise NotFound(f"no dead letter {outbox_id}")
         if ev.status != "dead":
             raise Conflict(f"outbox event {outbox_id} is {ev.status}, not a dead letter")
+        if ev.payload == PURGED_PAYLOAD:
+            raise Conflict(f"outbox event {outbox_id} was purged (retention): nothing left to send")
+        audit.record(tx, who, audit.Action.REPLAY, conversation_id=ev.conversation_id, site=ev.site, address=address)
         if ev.message_ref is not None:
             msg = await tx.session.get(Message, ev.message_ref, with_for_update=True)
             if msg is not None and msg.status == "failed":

@@ -2,6 +2,11 @@
 
 Every deadline lives in the store, so a restarted process (or another instance) picks up where
 this one stopped. The loop sleeps until the next deadline or until something wakes it.
+
+Per site and step: overflow (routing/overflow.py), client notices (domain/notices.py: a closed
+site is not hunted), then offers. ``roundrobin`` remembers the last counselor offered per site in
+this process's memory: across hunts, not across restarts, and each instance of a cluster keeps its
+own turn (the order stays fair per instance; good enough for the one-instance default).
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import structlog
 from sqlalchemy import func, select
 
 from helpline import metrics
+from helpline.domain import notices
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.offers import make_offer, requeue_if_unoffered
 from helpline.domain.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus, move_offer
+from helpline.routing.overflow import overflow_pass
 from helpline.routing.presence import candidates
 from helpline.routing.strategies import Candidate, offers_per_round, order
 from helpline.store.models import Agent, Conversation, Offer
@@ -54,6 +61,10 @@ class Hunter:
             pass
         for site in self.core.sites:
             await self.hunt_site(site)
+
+    def _wake(self, at: float) -> None:
+        """Come back at ``at`` (a retry gap, a wrap-up's end, an opening, a notice or overflow due)."""
+        self._next_retry = at if self._next_retry is None else min(self._next_retry, at)
 
     async def _until_next_deadline(self) -> float:
         async with self.core.sessionmaker() as s:
@@ -115,6 +126,9 @@ class Hunter:
 
     async def hunt_site(self, site: Site) -> None:
         t = now()
+        await overflow_pass(self.core, site, t, self._wake)
+        if not await notices.site_notices(self.core, site, t, self._wake):
+            return  # closed: conversations wait (told out_of_hours) until the site opens
         async with self.core.tx() as tx:
             queued = (
                 await tx.session.scalars(
@@ -127,6 +141,7 @@ class Hunter:
             ).all()
             if not queued:
                 return
+            await self._wake_after_wrapup(tx, site, t)
             cands = {c.counselor_id: c for c in await candidates(tx.session, site, t)}
             if not cands:
                 return
@@ -145,6 +160,16 @@ class Hunter:
                         cands[cand.counselor_id] = updated
                 if not cands:
                     break
+
+    async def _wake_after_wrapup(self, tx: Tx, site: Site, t: float) -> None:
+        """Conversations are waiting: hunt again the moment a counselor's wrap-up ends."""
+        ends = await tx.session.scalar(
+            select(func.min(Agent.wrapup_until)).where(
+                Agent.site == site.slug, Agent.status == "available", Agent.wrapup_until > t
+            )
+        )
+        if ends is not None:
+            self._wake(ends)
 
     async def _eligible(
         self, tx: Tx, conv: Conversation, cands: Sequence[Candidate], site: Site, t: float
@@ -173,8 +198,7 @@ class Hunter:
             return others
         last_miss = max(missed.values())
         if t - last_miss < site.routing.retry_gap_s:
-            retry_at = last_miss + site.routing.retry_gap_s
-            self._next_retry = retry_at if self._next_retry is None else min(self._next_retry, retry_at)
+            self._wake(last_miss + site.routing.retry_gap_s)
             return []
         oldest = min(missed[c.counselor_id] for c in cands)
         return [c for c in cands if missed[c.counselor_id] == oldest]

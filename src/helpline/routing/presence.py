@@ -1,14 +1,14 @@
-"""Who can take a conversation now: counselors in the queue, not paused, under capacity."""
+"""Who can take a conversation now: counselors in the queue, not paused, under capacity, not on the phone."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.domain.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.routing.strategies import Candidate
-from helpline.store.models import Agent, Conversation, Offer
+from helpline.store.models import Agent, Conversation, Offer, PhoneState
 
 
 async def candidates(session: AsyncSession, site: Site, t: float) -> list[Candidate]:
@@ -33,6 +33,11 @@ async def candidates(session: AsyncSession, site: Site, t: float) -> list[Candid
         .subquery()
     )
     active = func.coalesce(assigned.c.n, 0) + func.coalesce(pending.c.n, 0)
+    on_the_phone = (  # busy or paused in the site's Asterisk queue: no chat offers
+        select(PhoneState.user_id)
+        .where(PhoneState.user_id == Agent.user_id, or_(PhoneState.busy, PhoneState.paused))
+        .exists()
+    )
     rows = (
         await session.execute(
             select(Agent.user_id, active, Agent.last_assigned_at, func.coalesce(offered.c.at, 0.0))
@@ -44,6 +49,7 @@ async def candidates(session: AsyncSession, site: Site, t: float) -> list[Candid
                 Agent.status == "available",
                 Agent.wrapup_until <= t,
                 active < site.routing.max_chats_per_counselor,
+                true() if site.asterisk is None else ~on_the_phone,
             )
         )
     ).all()

@@ -30,6 +30,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(150))  # pseudonym shown to clients and in logs
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[float] = mapped_column(Float)
+    # The counselor's phone extension: their Asterisk queue interface, when the site has one.
+    extension: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class ApiToken(Base):
@@ -57,6 +59,8 @@ class Conversation(Base):
     __table_args__ = (
         UniqueConstraint("chatbot_id", "chat_session", name="uq_conversations_chatbot_session"),
         Index("ix_conversations_queue", "site", "status", "risk_rank", "queued_at"),
+        Index("ix_conversations_site_assigned", "site", "assigned_at"),  # recent waits: notices
+        Index("ix_conversations_purge", "purged_at", "closed_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid
@@ -79,6 +83,17 @@ class Conversation(Base):
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     closed_by: Mapped[str | None] = mapped_column(String(16), nullable=True)  # chatbot | counselor
     close_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Routing (domain/notices.py, routing/overflow.py). The site the contact came in through: its
+    # RapidPro keeps carrying the events after a transfer or an overflow (NULL: ``site``).
+    origin_site: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    site_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # in its queue since (NULL: queued_at)
+    overflow_depth: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    overflow_from: Mapped[str | None] = mapped_column(String(255), nullable=True)  # sites left, comma-separated
+    notice_position: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last position told the client
+    notice_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it was told
+    closed_notice_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # told out_of_hours, not reopened
+    # Set by the retention purge (domain/retention.py): texts emptied, client identifiers pseudonymised.
+    purged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Message(Base):
@@ -133,6 +148,26 @@ class Agent(Base):
     last_offer_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_assigned_at: Mapped[float] = mapped_column(Float, default=0.0)
     wrapup_until: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class PhoneState(Base):
+    """A counselor's phone as their site's Asterisk queue reports it (AMI events and QueueStatus).
+
+    Kept apart from ``agents``: the AMI listener writes here without touching the rows that
+    counselors' own requests lock. Busy or paused here: no chat offers (see routing.presence).
+    """
+
+    __tablename__ = "phone_states"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    site: Mapped[str] = mapped_column(String(32), index=True)
+    member: Mapped[bool] = mapped_column(Boolean, default=False)  # in the Asterisk queue
+    status: Mapped[int] = mapped_column(Integer, default=0)  # Asterisk device state (2 InUse, 6 Ringing...)
+    in_call: Mapped[bool] = mapped_column(Boolean, default=False)  # InCall, AgentCalled..AgentComplete
+    busy: Mapped[bool] = mapped_column(Boolean, default=False)  # in_call or a busy device state
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)  # paused in Asterisk
+    reason: Mapped[str | None] = mapped_column(String(128), nullable=True)  # Asterisk's pause reason
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class Offer(Base):
@@ -232,3 +267,24 @@ class BusSpill(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     payload: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class AuditEntry(Base):
+    """Who read or acted on a conversation (domain/audit.py): written in the transaction of the access."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_conversation_at", "conversation_id", "at"),
+        Index("ix_audit_log_site_at", "site", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    # No foreign keys: the trail outlives anything it points at.
+    user_id: Mapped[int] = mapped_column(Integer)
+    username: Mapped[str] = mapped_column(String(150))
+    role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))  # read_messages | read_offer | export | close | transfer | replay
+    conversation_id: Mapped[str] = mapped_column(String(36))
+    site: Mapped[str] = mapped_column(String(32))
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the caller's IP address

@@ -87,8 +87,22 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def create_user(
-        self, username: str, password: str, role: str, site: str | None = None, name: str | None = None
+        self,
+        username: str,
+        password: str,
+        role: str,
+        site: str | None = None,
+        name: str | None = None,
+        extension: str | None = None,
     ) -> Principal:
         return self.call(
-            create_user(self.core, username=username, password=password, role=Role(role), site=site, name=name)
+            create_user(
+                self.core,
+                username=username,
+                password=password,
+                role=Role(role),
+                site=site,
+                name=name,
+                extension=extension,
+            )
         )
