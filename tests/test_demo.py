@@ -79,12 +79,13 @@ def test_demo_shows_the_conversation_hop_by_hop_then_stops() -> None:
 
     stamps = [int(m.group(1)) for m in re.finditer(r"^\+ *(\d+) ms  ", output, re.MULTILINE)]
     assert len(stamps) > 20 and stamps == sorted(stamps), output
-    # The lapse is visible: the first offer lives about offer_timeout_s.
+    # The lapse is visible: the first offer lives about offer_timeout_s (the demo sees the offer when its
+    # watcher next looks, a few hundred ms late on a busy machine, so the lower bound is loose).
     offer = re.search(r"^\+ *(\d+) ms  helpline -> Amina +offer #\d+ \(ws\)", output, re.MULTILINE)
     lapse = re.search(r"^\+ *(\d+) ms  helpline -> Amina +offer #\d+ withdrawn", output, re.MULTILINE)
     assert offer and lapse
     lived_s = (int(lapse.group(1)) - int(offer.group(1))) / 1000
-    assert helpline.demo.OFFER_TIMEOUT_S - 0.2 <= lived_s <= helpline.demo.OFFER_TIMEOUT_S + 1.5, output
+    assert helpline.demo.OFFER_TIMEOUT_S - 1.0 <= lived_s <= helpline.demo.OFFER_TIMEOUT_S + 1.5, output
     assert time.monotonic() - started < 30
 
 

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     login_window_s: float = Field(300.0, gt=0)
 
     # Outbox delivery.
-    outbox_concurrency: int = Field(16, gt=0)
+    outbox_concurrency: int = Field(32, gt=0)
     outbox_backoff_base_s: float = Field(0.5, gt=0)
     outbox_backoff_cap_s: float = Field(60.0, gt=0)
     outbox_max_attempts: int = Field(0, ge=0)  # 0: retry retryable failures for ever

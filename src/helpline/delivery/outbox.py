@@ -13,8 +13,8 @@ import re
 from collections.abc import Sequence
 
 import structlog
-from sqlalchemy import and_, case, exists, func, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import case, func, select, update
+from sqlalchemy.sql import Subquery
 
 from helpline import metrics
 from helpline.delivery.rapidpro import (
@@ -122,6 +122,17 @@ def enqueue_webhook(tx: Tx, conv: Conversation, event: str, hook: Webhook, *, me
     tx.wake_outbox = True
 
 
+def _heads() -> Subquery:
+    """The oldest pending event of each conversation: the only one of its queue that may go.
+    One pass over the (status, conversation_id, id) index, whatever the backlog."""
+    return (
+        select(func.min(OutboxEvent.id).label("id"))
+        .where(OutboxEvent.status == "pending")
+        .group_by(OutboxEvent.conversation_id)
+        .subquery()
+    )
+
+
 class OutboxWorker:
     """Claims due heads of conversations' queues and sends them; retries with backoff."""
 
@@ -142,7 +153,12 @@ class OutboxWorker:
                 log.exception("outbox claim failed")
                 batch = []
             if batch:
-                await asyncio.gather(*(self._deliver(e) for e in batch))
+                outcomes = await asyncio.gather(*(self._send(e) for e in batch))
+                try:
+                    await self._record(list(zip(batch, outcomes, strict=True)))
+                except Exception:
+                    # The leases run out and the events are tried again: at least once, never lost.
+                    log.exception("outbox record failed", outbox_ids=[e.id for e in batch])
                 continue
             wait = min(s.poll_interval_s, await self._until_next_due())
             try:
@@ -154,116 +170,94 @@ class OutboxWorker:
         """Seconds until a head of a conversation's queue may be claimed. Only heads count: the
         events behind a head in backoff (or in flight) are "due" but cannot go, and waiting for
         them would spin this loop for as long as RapidPro is down."""
-        earlier = aliased(OutboxEvent)
+        heads = _heads()
         due_at = case(
             (OutboxEvent.claimed_until > OutboxEvent.next_attempt_at, OutboxEvent.claimed_until),
             else_=OutboxEvent.next_attempt_at,
         )
         try:
             async with self.core.sessionmaker() as session:
-                nxt = await session.scalar(
-                    select(func.min(due_at)).where(
-                        OutboxEvent.status == "pending",
-                        ~exists().where(
-                            and_(
-                                earlier.conversation_id == OutboxEvent.conversation_id,
-                                earlier.status == "pending",
-                                earlier.id < OutboxEvent.id,
-                            )
-                        ),
-                    )
-                )
+                nxt = await session.scalar(select(func.min(due_at)).join(heads, heads.c.id == OutboxEvent.id))
         except Exception:
             return self.core.settings.poll_interval_s
         return self.core.settings.poll_interval_s if nxt is None else nxt - now()
 
     async def _claim(self, limit: int) -> Sequence[OutboxEvent]:
         t = now()
-        earlier = aliased(OutboxEvent)
+        heads = _heads()
         async with self.core.tx() as tx:
             rows = (
                 await tx.session.scalars(
                     select(OutboxEvent)
-                    .where(
-                        OutboxEvent.status == "pending",
-                        OutboxEvent.next_attempt_at <= t,
-                        OutboxEvent.claimed_until < t,
-                        ~exists().where(
-                            and_(
-                                earlier.conversation_id == OutboxEvent.conversation_id,
-                                earlier.status == "pending",
-                                earlier.id < OutboxEvent.id,
-                            )
-                        ),
-                    )
+                    .join(heads, heads.c.id == OutboxEvent.id)
+                    .where(OutboxEvent.next_attempt_at <= t, OutboxEvent.claimed_until < t)
                     .order_by(OutboxEvent.id)
                     .limit(limit)
-                    .with_for_update(skip_locked=True)
+                    .with_for_update(skip_locked=True, of=OutboxEvent)
                 )
             ).all()
             for r in rows:
                 r.claimed_until = t + self.core.settings.outbox_lease_s
             return rows
 
-    async def _deliver(self, ev: OutboxEvent) -> None:
+    async def _send(self, ev: OutboxEvent) -> Outcome:
         site = self.core.sites.get(ev.site)
         if ev.target == "weni":
-            outcome = await self.weni.deliver(self.core.settings, ev.payload)
-        elif site is None:
-            outcome = Outcome("dead", f"site {ev.site!r} is no longer configured")
-        else:
-            outcome = await self.client.send(site.rapidpro, json.loads(ev.payload))
-        try:
-            await self._record(ev, outcome)
-        except Exception:
-            # The lease runs out and the event is tried again: at least once, never lost.
-            log.exception("outbox record failed", outbox_id=ev.id)
+            return await self.weni.deliver(self.core.settings, ev.payload)
+        if site is None:
+            return Outcome("dead", f"site {ev.site!r} is no longer configured")
+        return await self.client.send(site.rapidpro, json.loads(ev.payload))
 
-    async def _record(self, ev: OutboxEvent, outcome: Outcome) -> None:
+    async def _record(self, results: list[tuple[OutboxEvent, Outcome]]) -> None:
+        """The outcomes of one batch, in one transaction."""
+        async with self.core.tx() as tx:
+            for ev, outcome in results:
+                await self._record_one(tx, ev, outcome)
+
+    async def _record_one(self, tx: Tx, ev: OutboxEvent, outcome: Outcome) -> None:
         s = self.core.settings
         t = now()
-        async with self.core.tx() as tx:
-            row = await tx.session.get(OutboxEvent, ev.id, with_for_update=True)
-            if row is None or row.status != "pending":
-                return
-            row.attempts += 1
-            row.claimed_until = 0.0
-            if outcome.kind == "retry" and s.outbox_max_attempts and row.attempts >= s.outbox_max_attempts:
-                outcome = Outcome("dead", f"gave up after {row.attempts} attempts: {outcome.reason}")
-            if outcome.kind == "sent":
-                row.status = "sent"
-                row.sent_at = t
-                metrics.OUTBOX_SENT.labels(row.site, row.event).inc()
-                row.last_error = None
-            elif outcome.kind == "retry":
-                delay = backoff_delay(
-                    row.attempts,
-                    base=s.outbox_backoff_base_s,
-                    cap=s.outbox_backoff_cap_s,
-                    retry_after=outcome.retry_after,
-                    rng=self._rng,
-                )
-                row.next_attempt_at = t + delay
-                metrics.OUTBOX_RETRIES.labels(row.site).inc()
-                row.last_error = outcome.reason
-                log.info(
-                    "outbox retry",
-                    outbox_id=row.id,
-                    attempts=row.attempts,
-                    delay=round(delay, 3),
-                    reason=short_reason(outcome.reason),
-                )
-                return
-            else:
-                row.status = "dead"
-                row.last_error = outcome.reason
-                metrics.OUTBOX_DEAD.labels(row.site).inc()
-                log.warning(
-                    "outbox dead letter", outbox_id=row.id, outbox_event=row.event, reason=short_reason(outcome.reason)
-                )
-            if row.message_ref is not None:
-                await _update_message_status(tx, row)
-            tx.wake_outbox = True
+        row = await tx.session.get(OutboxEvent, ev.id, with_for_update=True)
+        if row is None or row.status != "pending":
+            return
+        row.attempts += 1
+        row.claimed_until = 0.0
+        if outcome.kind == "retry" and s.outbox_max_attempts and row.attempts >= s.outbox_max_attempts:
+            outcome = Outcome("dead", f"gave up after {row.attempts} attempts: {outcome.reason}")
+        if outcome.kind == "sent":
+            row.status = "sent"
+            row.sent_at = t
+            metrics.OUTBOX_SENT.labels(row.site, row.event).inc()
+            row.last_error = None
+        elif outcome.kind == "retry":
+            delay = backoff_delay(
+                row.attempts,
+                base=s.outbox_backoff_base_s,
+                cap=s.outbox_backoff_cap_s,
+                retry_after=outcome.retry_after,
+                rng=self._rng,
+            )
+            row.next_attempt_at = t + delay
+            metrics.OUTBOX_RETRIES.labels(row.site).inc()
+            row.last_error = outcome.reason
+            log.info(
+                "outbox retry",
+                outbox_id=row.id,
+                attempts=row.attempts,
+                delay=round(delay, 3),
+                reason=short_reason(outcome.reason),
+            )
+            return
+        else:
+            row.status = "dead"
+            row.last_error = outcome.reason
+            metrics.OUTBOX_DEAD.labels(row.site).inc()
+            log.warning(
+                "outbox dead letter", outbox_id=row.id, outbox_event=row.event, reason=short_reason(outcome.reason)
+            )
+        if row.message_ref is not None:
+            await _update_message_status(tx, row)
+        tx.wake_outbox = True
 
 
 async def _update_message_status(tx: Tx, row: OutboxEvent) -> None:

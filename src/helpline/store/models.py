@@ -195,6 +195,8 @@ class OutboxEvent(Base):
     __table_args__ = (
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_conv", "conversation_id", "status", "id"),
+        Index("ix_outbox_heads", "status", "conversation_id", "id"),
+        Index("ix_outbox_message", "message_ref", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
