@@ -161,15 +161,25 @@ async def issue_service_token(core: Core, *, username: str, ttl_s: float) -> tup
         return token, expires_at
 
 
+# A valid token's principal is remembered this long by the instance that checked it, so a chatbot's
+# stream of calls costs one lookup every few seconds, not one per request. Revoking on this
+# instance forgets it at once; another instance honours a revocation within this delay.
+AUTH_CACHE_S = 5.0
+_AUTH_CACHE_MAX = 10_000
+
+
 async def authenticate(core: Core, token: str) -> Principal:
     if len(token) != 40 or any(c not in "0123456789abcdef" for c in token):
         raise NotAuthenticated("invalid token")
+    key = hash_token(token)
+    t = now()
+    cached = core.auth_cache.get(key)
+    if cached is not None and cached[1] > t:
+        return cached[0]
     async with core.sessionmaker() as session:
         row = (
             await session.execute(
-                select(ApiToken, User)
-                .join(User, User.id == ApiToken.user_id)
-                .where(ApiToken.key_hash == hash_token(token))
+                select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(ApiToken.key_hash == key)
             )
         ).first()
     if row is None:
@@ -177,14 +187,19 @@ async def authenticate(core: Core, token: str) -> Principal:
     tok, user = row
     if tok.revoked_at is not None:
         raise NotAuthenticated("token revoked")
-    if tok.expires_at <= now():
+    if tok.expires_at <= t:
         raise NotAuthenticated("token expired")
     if not user.active:
         raise NotAuthenticated("account disabled")
-    return _principal(user)
+    who = _principal(user)
+    if len(core.auth_cache) >= _AUTH_CACHE_MAX:
+        core.auth_cache.clear()
+    core.auth_cache[key] = (who, min(t + AUTH_CACHE_S, tok.expires_at))
+    return who
 
 
 async def revoke_token(core: Core, token: str) -> bool:
+    core.auth_cache.pop(hash_token(token), None)
     async with core.tx() as tx:
         tok = await tx.session.scalar(select(ApiToken).where(ApiToken.key_hash == hash_token(token)))
         if tok is None or tok.revoked_at is not None:

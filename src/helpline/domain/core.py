@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -17,6 +17,9 @@ from helpline.domain.presence import NoPresenceSink, PresenceSink
 from helpline.domain.sites import Site, SiteRegistry
 from helpline.settings import Settings
 from helpline.store import bus
+
+if TYPE_CHECKING:
+    from helpline.domain.auth import Principal
 from helpline.store.db import is_sqlite, make_engine, make_sessionmaker
 
 
@@ -61,6 +64,8 @@ class Core:
         self._write_sessionmaker = make_sessionmaker(self.engine) if sqlite else self.sessionmaker
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if sqlite else None
         self.hub = EventHub()
+        # sha256(token) -> (principal, remembered until): see helpline.domain.auth.authenticate.
+        self.auth_cache: dict[str, tuple[Principal, float]] = {}
         # Told of every committed presence change (e.g. the Asterisk adapter); by default, nobody.
         self.presence_sink: PresenceSink = NoPresenceSink()
         self.hunter_wakeup = asyncio.Event()
