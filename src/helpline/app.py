@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
 from helpline import console, metrics
-from helpline.api import cases, counselors, errors, openchs, supervisor, weni, ws
+from helpline.api import cases, counselors, deps, errors, openchs, supervisor, weni, ws
 from helpline.delivery.outbox import OutboxWorker
 from helpline.delivery.rapidpro import RapidProClient
 from helpline.delivery.weni import WeniClient
@@ -76,6 +76,7 @@ def create_app(
         version="0.1.0",
         summary="Bridges a chatbot platform (Weni/RapidPro) to child-helpline counselors (OpenCHS).",
         lifespan=lifespan,
+        dependencies=[Depends(deps.refuse_nul)],  # PostgreSQL stores no NUL character: 4xx, not 503
     )
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # none by default: the console is same-origin and needs no CORS

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from helpline.api.cases import client_address
-from helpline.api.deps import body_doc, core_of, principal, read_json
+from helpline.api.deps import RowId, body_doc, core_of, principal, read_json
 from helpline.api.errors import responses
 from helpline.api.schemas import (
     ConversationClosed,
@@ -107,7 +107,7 @@ async def offers(request: Request, who: Caller) -> dict[str, Any]:
     responses={**answer(OfferTaken, "the conversation is mine, with its messages"), **ERR},
     summary="Read an offer: the conversation is mine",
 )
-async def read_offer(request: Request, who: Caller, offer_id: int) -> dict[str, Any]:
+async def read_offer(request: Request, who: Caller, offer_id: RowId) -> dict[str, Any]:
     return await cs.read_offer(core_of(request), who, offer_id, address=client_address(request))
 
 
@@ -117,7 +117,7 @@ async def read_offer(request: Request, who: Caller, offer_id: int) -> dict[str, 
     responses={**answer(OfferDeclined, "declined"), **ERR},
     summary="Decline an offer (409 when it has lapsed)",
 )
-async def decline_offer(request: Request, who: Caller, offer_id: int) -> dict[str, Any]:
+async def decline_offer(request: Request, who: Caller, offer_id: RowId) -> dict[str, Any]:
     return await cs.decline_offer(core_of(request), who, offer_id)
 
 

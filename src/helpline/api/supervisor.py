@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from helpline.api.cases import client_address
-from helpline.api.deps import core_of, principal
+from helpline.api.deps import RowId, core_of, principal
 from helpline.api.errors import responses
 from helpline.domain import supervision as sv
 from helpline.domain.auth import Principal
@@ -43,7 +43,7 @@ async def dead_letters(
     responses=responses(401, 403, 404, 409, 503),
     summary="Send a dead letter again (audited; 404 unknown or of another site, 409 not dead or purged)",
 )
-async def replay(request: Request, who: Caller, outbox_id: int) -> dict[str, Any]:
+async def replay(request: Request, who: Caller, outbox_id: RowId) -> dict[str, Any]:
     return await sv.replay(core_of(request), who, outbox_id, address=client_address(request))
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from helpline.api.deps import body_doc, core_of, principal
+from helpline.api.deps import body_doc, core_of, nul_field, principal
 from helpline.api.errors import STATUS, ApiError
 from helpline.api.errors import responses as api_responses
 from helpline.api.openchs import URN_RE, UUID_RE, path_site
@@ -369,6 +369,11 @@ async def _read(request: Request, model: type[Any], *, optional: bool = False) -
         raise WeniError(400, "invalid_payload", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise WeniError(400, "invalid_payload", "the body must be a JSON object")
+    bad = nul_field(data)
+    if bad is not None:
+        raise WeniError(
+            400, "invalid_payload", f"{bad}: must not contain NUL characters", {"fields": {bad: ["NUL character"]}}
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:

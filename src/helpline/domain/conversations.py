@@ -290,6 +290,8 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, id_ = json.loads(raw)
+        if "\x00" in str(id_):  # made up, and PostgreSQL would refuse it in the query (a 503)
+            raise ValueError("NUL character")
         return float(created_at), str(id_)
     except (ValueError, TypeError) as exc:
         raise Invalid("invalid cursor", fields={"cursor": ["invalid cursor"]}) from exc
