@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -174,3 +176,35 @@ def make_env(database_url: str, rapidpro: FakeRapidPro, tmp_path: Path) -> Itera
 @pytest.fixture
 def env(make_env: Callable[..., Env]) -> Env:
     return make_env()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[httpx.Client]]:
+    """HTTP clients made by :func:`staff` in a test, closed at its end."""
+    made: list[httpx.Client] = []
+    yield made
+    for c in made:
+        c.close()
+
+
+def staff(env: Env, clients: list[httpx.Client], username: str, role: str, site: str | None = None) -> httpx.Client:
+    """A signed-in HTTP client for a new user."""
+    env.user(username, role, site=site, name=username.title())
+    c = httpx.Client(base_url=env.url, timeout=30)
+    r = c.post("/api/token/", json={"username": username, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    c.headers["Authorization"] = f"Token {r.json()['token']}"
+    clients.append(c)
+    return c
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Retry ``check`` (which asserts) until it passes or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

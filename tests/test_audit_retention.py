@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from conftest import PASSWORD, Env
+from conftest import Env, eventually, staff
 from helpline import cli
 from helpline.delivery.outbox import PURGED_PAYLOAD
 from helpline.domain import retention
@@ -25,36 +24,6 @@ from weni_support import start_weni, take_offer, weni_env
 pytestmark = pytest.mark.timeout(90)
 
 DAY = 86400.0
-
-
-@pytest.fixture
-def clients() -> Iterator[list[httpx.Client]]:
-    made: list[httpx.Client] = []
-    yield made
-    for c in made:
-        c.close()
-
-
-def staff(env: Env, clients: list[httpx.Client], username: str, role: str, site: str | None = None) -> httpx.Client:
-    """A signed-in HTTP client for a new user."""
-    env.user(username, role, site=site, name=username.title())
-    c = httpx.Client(base_url=env.url, timeout=30)
-    r = c.post("/api/token/", json={"username": username, "password": PASSWORD})
-    assert r.status_code == 200, r.text
-    c.headers["Authorization"] = f"Token {r.json()['token']}"
-    clients.append(c)
-    return c
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def call(env: Env, make: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:

@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ import structlog
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
-from conftest import PASSWORD, Env
+from conftest import PASSWORD, Env, eventually
 from helpline.cli import configure_logging
 from helpline.logs import UVICORN_LOGGERS, redact
 from helpline.store.db import make_engine
@@ -79,17 +78,6 @@ def info_logs(caplog: pytest.LogCaptureFixture) -> Iterator[Records]:
             logging.getLogger(name).setLevel(saved_levels[name])
         structlog.reset_defaults()
         structlog.configure(**saved_structlog)
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_a_whole_conversation_logs_no_client_data(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 
-from conftest import PASSWORD, Env
+from conftest import PASSWORD, Env, eventually, staff
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import ReceivedStart
 
@@ -19,37 +18,6 @@ ROUTES = [
     ("GET", "/api/supervisor/stats"),
     ("POST", "/api/supervisor/dead-letters/1/replay"),
 ]
-
-
-@pytest.fixture
-def clients() -> Iterator[list[httpx.Client]]:
-    made: list[httpx.Client] = []
-    yield made
-    for c in made:
-        c.close()
-
-
-def staff(env: Env, clients: list[httpx.Client], username: str, role: str, site: str | None = None) -> httpx.Client:
-    """A signed-in HTTP client for a new user."""
-    env.user(username, role, site=site, name=username.title())
-    c = httpx.Client(base_url=env.url, timeout=30)
-    r = c.post("/api/token/", json={"username": username, "password": PASSWORD})
-    assert r.status_code == 200, r.text
-    c.headers["Authorization"] = f"Token {r.json()['token']}"
-    clients.append(c)
-    return c
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Retry ``check`` (which asserts) until it passes or the time is up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def site_of(overview: dict[str, Any], slug: str) -> dict[str, Any]:
