@@ -1,4 +1,4 @@
-"""``helpline``: serve, migrate, createuser, issuetoken, purge, demo."""
+"""``helpline``: serve, migrate, createuser, issuetoken, signing-secret, purge, demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import structlog
 import typer
 from rich.console import Console
 
-from helpline.domain.auth import Role, create_user, issue_service_token
+from helpline.domain.auth import Role, create_user, issue_service_token, new_signing_secret, set_signing_secret
 from helpline.domain.core import Core
 from helpline.domain.errors import DomainError
 from helpline.domain.sites import SiteRegistry
@@ -86,17 +86,31 @@ def createuser(
     extension: Annotated[
         str | None, typer.Option(help="phone extension: the counselor's Asterisk queue interface, if the site has one")
     ] = None,
+    signing_secret: Annotated[
+        bool,
+        typer.Option(
+            "--signing-secret", help="chatbot: generate a signing secret, printed once; every request must be signed"
+        ),
+    ] = False,
     sites: Annotated[str | None, typer.Option(help="sites TOML file")] = None,
 ) -> None:
     """Create a user."""
     settings = _settings(sites)
+    secret = new_signing_secret() if signing_secret else None
 
     async def run() -> None:
         core = Core(settings, SiteRegistry.from_toml(settings.sites))
         try:
             await upgrade(core.engine)
             who = await create_user(
-                core, username=username, password=password, role=role, site=site, name=name, extension=extension
+                core,
+                username=username,
+                password=password,
+                role=role,
+                site=site,
+                name=name,
+                extension=extension,
+                signing_secret=secret,
             )
             console.print(f"created {who.role.value} [bold]{who.username}[/bold] (site {who.site}, id {who.id})")
         finally:
@@ -107,6 +121,8 @@ def createuser(
     except DomainError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from exc
+    if secret is not None:
+        typer.echo(f"signing secret (shown once): {secret}")
 
 
 @app.command()
@@ -133,6 +149,58 @@ def issuetoken(
         raise typer.Exit(2) from exc
     typer.echo(token)
     Console(stderr=True).print(f"token for [bold]{username}[/bold], valid until {iso(expires_at)}")
+
+
+@app.command("signing-secret")
+def signing_secret(
+    username: Annotated[str, typer.Option(help="the chatbot account")],
+    generate: Annotated[bool, typer.Option("--generate", help="set a new random secret and print it once")] = False,
+    set_: Annotated[
+        str | None, typer.Option("--set", help="set this secret (32..100 of A-Z a-z 0-9 _ . ~ + / = -)")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="remove the secret: requests need no signature")] = False,
+    keep_previous: Annotated[
+        bool,
+        typer.Option("--keep-previous", help="rotation: the current secret stays valid too until the next change"),
+    ] = False,
+    sites: Annotated[str | None, typer.Option(help="sites TOML file")] = None,
+) -> None:
+    """Set, rotate or clear the secret a chatbot account signs its requests with (HMAC-SHA256).
+
+    With a secret, every request the account authenticates with its token must carry
+    X-Helpline-Timestamp and X-Helpline-Signature (see README, "Signed requests"). Running servers
+    pick the change up within 5 seconds.
+    """
+    if (generate, set_ is not None, clear).count(True) != 1:
+        console.print("[red]error:[/red] give exactly one of --generate, --set SECRET, --clear")
+        raise typer.Exit(2)
+    if clear and keep_previous:
+        console.print("[red]error:[/red] --keep-previous goes with --generate or --set")
+        raise typer.Exit(2)
+    secret = new_signing_secret() if generate else set_
+    settings = _settings(sites)
+
+    async def run() -> None:
+        core = Core(settings, SiteRegistry.from_toml(settings.sites))
+        try:
+            await upgrade(core.engine)
+            await set_signing_secret(core, username=username, secret=secret, keep_previous=keep_previous)
+        finally:
+            await core.close()
+
+    try:
+        asyncio.run(run())
+    except DomainError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    err = Console(stderr=True)
+    if secret is None:
+        err.print(f"[bold]{username}[/bold] no longer signs its requests")
+        return
+    if generate:
+        typer.echo(secret)  # stdout: only the secret, shown this once
+    kept = " (the previous secret stays valid until the next change)" if keep_previous else ""
+    err.print(f"[bold]{username}[/bold] now signs its requests with the new secret{kept}")
 
 
 @app.command()

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # address) within `login_window_s`; then 429 with Retry-After until the window has passed.
     login_max_failures: int = Field(5, gt=0)
     login_window_s: float = Field(300.0, gt=0)
+    # Signed requests (chatbot accounts with a signing secret): how far X-Helpline-Timestamp may be
+    # from the server's clock, either way; a signature is also refused a second time within it.
+    signature_tolerance_s: float = Field(300.0, gt=0)
 
     # Outbox delivery.
     outbox_concurrency: int = Field(32, gt=0)

@@ -5,14 +5,20 @@ from __future__ import annotations
 from typing import Annotated, Any, TypeVar
 
 import orjson
+import structlog
 from fastapi import Path, Request
+from fastapi.openapi.models import APIKey, APIKeyIn
+from fastapi.security.base import SecurityBase
 from pydantic import BaseModel, ValidationError
 from starlette.requests import HTTPConnection
 
+from helpline.api import signing
 from helpline.api.errors import ApiError, _fields_from_validation
 from helpline.domain.auth import Principal, authenticate
-from helpline.domain.core import Core
+from helpline.domain.core import Core, now
 from helpline.domain.errors import NotAuthenticated
+
+log = structlog.get_logger("helpline.api")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -63,17 +69,82 @@ async def refuse_nul(conn: HTTPConnection) -> None:
             raise ApiError(422, "the query is not valid", fields={name: ["must not contain NUL characters"]})
 
 
-async def principal(request: Request) -> Principal:
-    """FastAPI dependency: the authenticated caller."""
-    return await authenticate(core_of(request), token_from_header(request.headers.get("authorization")))
+AUTH_DOC = (
+    "`Authorization: Token <key>` (`Bearer <key>` under `/v1`): a key from `POST /api/token/` or "
+    "`helpline issuetoken`. A chatbot account given a signing secret (`helpline signing-secret`) also "
+    "signs every request it makes with its key, with two headers: "
+    f"`{signing.TIMESTAMP_HEADER}: <unix seconds, e.g. 1764000000.123>` and "
+    f"`{signing.SIGNATURE_HEADER}: sha256=<hex HMAC-SHA256(secret, "
+    '"<timestamp>\\n<METHOD>\\n<path?query>\\n" + raw body bytes)>`. '
+    "The timestamp must be within `HELPLINE_SIGNATURE_TOLERANCE_S` (300 s) of the server's clock and "
+    "each signature is accepted once; otherwise 401 with the code `signature_required`, `bad_signature`, "
+    "`stale_timestamp` or `replayed`. Accounts without a secret ignore both headers."
+)
 
 
-async def read_json(request: Request, model: type[M]) -> M:
-    """Read and validate a JSON body: 415 not JSON, 413 too large, 400 malformed, 422 invalid."""
+class TokenAuth(SecurityBase):
+    """FastAPI dependency: the authenticated caller, documented as the ``token`` security scheme.
+
+    One callable that is its own security scheme, so the docs cost no extra dependency per request.
+    An account without a signing secret costs nothing more than before (the principal is cached,
+    the secret rides on it); one with a secret has its request's signature checked here.
+    """
+
+    def __init__(self) -> None:
+        self.model = APIKey(**{"in": APIKeyIn.header}, name="Authorization", description=AUTH_DOC)
+        self.scheme_name = "token"
+
+    async def __call__(self, request: Request) -> Principal:
+        who = await authenticate(core_of(request), token_from_header(request.headers.get("authorization")))
+        if who.signing_secrets:
+            await check_signature(request, who)
+        return who
+
+
+principal = TokenAuth()
+
+
+def replay_cache_of(request: Request) -> signing.ReplayCache:
+    """This instance's signatures already accepted (one per application)."""
+    state = request.app.state
+    cache: signing.ReplayCache | None = getattr(state, "signature_replays", None)
+    if cache is None:
+        cache = state.signature_replays = signing.ReplayCache()
+    return cache
+
+
+async def check_signature(request: Request, who: Principal) -> None:
+    """401 unless the request carries a valid, fresh, first-seen signature by one of ``who``'s secrets."""
+    body = await read_body(request)
+    try:
+        signing.check(
+            replay_cache_of(request),
+            who.signing_secrets,
+            account=str(who.id),
+            timestamp=request.headers.get(signing.TIMESTAMP_HEADER),
+            signature=request.headers.get(signing.SIGNATURE_HEADER),
+            method=request.method,
+            target=signing.target_of(request.scope),
+            body=body,
+            now=now(),
+            tolerance=core_of(request).settings.signature_tolerance_s,
+        )
+    except signing.SignatureError as exc:
+        log.warning("signature refused", user=who.username, code=exc.code, method=request.method)
+        raise ApiError(401, exc.message, code=exc.code) from exc
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body, at most ``max_body_bytes`` (else 413), read once per request.
+
+    Kept where Starlette keeps ``request.body()``'s, so every later reader of the request (``read_json``,
+    the Weni routes, ``request.stream()``) gets these same bytes: the signature is checked before the
+    route reads its body.
+    """
+    cached: bytes | None = getattr(request, "_body", None)
+    if cached is not None:
+        return cached
     limit = core_of(request).settings.max_body_bytes
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-        raise ApiError(415, f"the body must be application/json, not {ctype}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body is larger than {limit} bytes")
@@ -85,6 +156,16 @@ async def read_json(request: Request, model: type[M]) -> M:
             raise ApiError(413, f"the body is larger than {limit} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
+    request._body = raw  # what Request.body() caches: request.stream() then yields it again
+    return raw
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """Read and validate a JSON body: 415 not JSON, 413 too large, 400 malformed, 422 invalid."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(415, f"the body must be application/json, not {ctype}")
+    raw = await read_body(request)
     try:
         data: Any = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pwdlib import PasswordHash
@@ -19,6 +20,8 @@ from helpline.store.models import ApiToken, LoginFailure, User
 ALL_SITES = "*"
 # A phone extension (the Asterisk queue interface is made from it): nothing that could break an AMI line.
 EXTENSION = re.compile(r"[A-Za-z0-9_.+*#-]{1,32}")
+# A request-signing secret (helpline.api.signing): long, and free of the "," that joins "new,old".
+SIGNING_SECRET = re.compile(r"[A-Za-z0-9_.~+/=-]{32,100}")
 
 
 class Role(StrEnum):
@@ -46,6 +49,9 @@ class Principal:
     role: Role
     site: str
     name: str
+    # The HMAC secret(s) this account signs its requests with (the previous one too while rotating);
+    # empty: it does not sign. Carried here so the principal cache spares a lookup per request.
+    signing_secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def may_use_site(self, slug: str) -> bool:
         return self.role == Role.ADMIN or self.site in (ALL_SITES, slug)
@@ -61,7 +67,26 @@ class Principal:
 
 
 def _principal(user: User) -> Principal:
-    return Principal(user.id, user.username, Role(user.role), user.site, user.name)
+    return Principal(
+        user.id, user.username, Role(user.role), user.site, user.name, signing_secrets_of(user.signing_secret)
+    )
+
+
+def signing_secrets_of(value: str | None) -> tuple[str, ...]:
+    """The secrets of a ``users.signing_secret`` value: ``"new"`` or ``"new,old"`` while rotating."""
+    return tuple(s for s in (value or "").split(",") if s)
+
+
+def new_signing_secret() -> str:
+    """A fresh signing secret: 256 random bits, URL-safe, with a prefix that secret scanners can spot."""
+    return "hls_" + secrets.token_urlsafe(32)
+
+
+def _check_signing_secret(secret: str, role: Role) -> None:
+    if role != Role.CHATBOT:
+        raise Invalid("only chatbot accounts sign their requests")
+    if not SIGNING_SECRET.fullmatch(secret):
+        raise Invalid("a signing secret is 32..100 of A-Z a-z 0-9 _ . ~ + / = -")
 
 
 async def create_user(
@@ -73,6 +98,7 @@ async def create_user(
     site: str | None = None,
     name: str | None = None,
     extension: str | None = None,
+    signing_secret: str | None = None,
 ) -> Principal:
     if not username or len(username) > 150:
         raise Invalid("username must be 1..150 characters")
@@ -80,6 +106,8 @@ async def create_user(
         raise Invalid("extension must be 1..32 of A-Z a-z 0-9 _ . + * # -")
     if len(password) < 8:
         raise Invalid("password must be at least 8 characters")
+    if signing_secret is not None:
+        _check_signing_secret(signing_secret, role)
     slug = site or core.sites.default.slug
     if slug != ALL_SITES and core.sites.get(slug) is None:
         raise Invalid(f"unknown site {slug!r}")
@@ -96,6 +124,7 @@ async def create_user(
             active=True,
             created_at=now(),
             extension=extension,
+            signing_secret=signing_secret,
         )
         tx.session.add(user)
         await tx.session.flush()
@@ -176,6 +205,23 @@ async def authenticate(core: Core, token: str) -> Principal:
     cached = core.auth_cache.get(key)
     if cached is not None and cached[1] > t:
         return cached[0]
+    # One lookup per token at a time: when a busy chatbot's entry expires, its concurrent
+    # requests wait for the first one's answer instead of each reading the database.
+    pending = core.auth_pending.get(key)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    task = asyncio.ensure_future(_look_up(core, key, t))
+    core.auth_pending[key] = task
+    try:
+        return await asyncio.shield(task)
+    finally:
+        if task.done():
+            core.auth_pending.pop(key, None)
+        else:
+            task.add_done_callback(lambda _t: core.auth_pending.pop(key, None))
+
+
+async def _look_up(core: Core, key: str, t: float) -> Principal:
     async with core.sessionmaker() as session:
         row = (
             await session.execute(
@@ -206,3 +252,30 @@ async def revoke_token(core: Core, token: str) -> bool:
             return False
         tok.revoked_at = now()
         return True
+
+
+async def set_signing_secret(
+    core: Core, *, username: str, secret: str | None, keep_previous: bool = False
+) -> Principal:
+    """Set, rotate or clear (``None``) the secret a chatbot account signs its requests with.
+
+    ``keep_previous``: the current secret stays valid beside the new one (``"new,old"``), so the
+    client can switch over without a refused request; set again without it to drop the old one.
+    This instance forgets the account's cached principals at once; others within ``AUTH_CACHE_S``.
+    """
+    async with core.tx() as tx:
+        user = await tx.session.scalar(select(User).where(User.username == username))
+        if user is None:
+            raise Invalid(f"no user {username!r}")
+        if secret is not None:
+            _check_signing_secret(secret, Role(user.role))
+            previous = signing_secrets_of(user.signing_secret)[:1]
+            kept = [p for p in previous if keep_previous and p != secret]
+            user.signing_secret = ",".join([secret, *kept])
+        else:
+            user.signing_secret = None
+        who = _principal(user)
+    for key, (cached, _) in list(core.auth_cache.items()):
+        if cached.id == who.id:
+            core.auth_cache.pop(key, None)
+    return who

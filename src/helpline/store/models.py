@@ -32,6 +32,9 @@ class User(Base):
     created_at: Mapped[float] = mapped_column(Float)
     # The counselor's phone extension: their Asterisk queue interface, when the site has one.
     extension: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # A chatbot's HMAC signing secret(s), "new" or "new,old" while rotating: when set, every request
+    # it authenticates must be signed (helpline.api.signing). Kept as is: HMAC needs the secret itself.
+    signing_secret: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class ApiToken(Base):
