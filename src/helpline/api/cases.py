@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from helpline.api.deps import core_of, principal
 from helpline.api.errors import responses
+from helpline.api.schemas import AuditLog, CaseFile, answer
 from helpline.domain import cases
 from helpline.domain.auth import Principal
 
@@ -29,8 +30,14 @@ def client_address(request: Request) -> str | None:
 
 EXPORT_DOC: dict[int | str, dict[str, Any]] = {
     200: {
+        "model": CaseFile,
         "description": "The case file, as an attachment `conversation-<id>.json`",
-        "content": {"application/json": {"schema": {"type": "object"}}},
+        "headers": {
+            "Content-Disposition": {
+                "description": "`attachment; filename=conversation-<id>.json`",
+                "schema": {"type": "string"},
+            }
+        },
     },
     **responses(401, 403, 404, 503),
 }
@@ -56,7 +63,8 @@ async def export(request: Request, who: Caller, conversation_id: str) -> Respons
 @router.get(
     "/supervisor/audit",
     tags=["supervisor"],
-    responses=responses(401, 403, 404, 422, 503),
+    response_model=None,
+    responses={**answer(AuditLog, "newest first"), **responses(401, 403, 404, 422, 503)},
     summary="Who read or acted on which conversation, newest first (supervisors of the site, admins)",
 )
 async def audit_log(

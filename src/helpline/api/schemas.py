@@ -12,11 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from helpline.domain.audit import Action
 from helpline.domain.states import Risk
 
 ConversationState = Literal["queued", "offered", "assigned", "closed"]
 InDelivery = Literal["queued", "delivered", "read"]  # a client's message
 OutDelivery = Literal["pending", "sent", "delivered", "read", "failed"]  # a counselor's
+OfferState = Literal["pending", "read", "timed_out", "declined", "withdrawn"]
 
 
 def answer(model: type[BaseModel], description: str, status: int = 200) -> dict[int | str, dict[str, Any]]:
@@ -59,7 +61,7 @@ class MessageView(BaseModel):
 
 class OfferView(BaseModel):
     id: int
-    status: Literal["pending", "read", "timed_out", "declined", "withdrawn"]
+    status: OfferState
     created_at: str
     deadline: str
     expires_in_s: float
@@ -153,3 +155,173 @@ class ConversationClosed(BaseModel):
 
 class ConversationMoved(BaseModel):
     conversation: ConversationView
+
+
+class ConversationReopened(BaseModel):
+    conversation: ConversationView
+    already_open: bool  # it was open: nothing changed
+
+
+# -- the supervisor's API --------------------------------------------------------------------------
+
+
+class QueueCounts(BaseModel):
+    waiting: int  # queued + offered
+    queued: int
+    offered: int
+    assigned: int
+    high_risk_waiting: int
+    longest_wait_s: float | None
+
+
+class CounselorState(BaseModel):
+    id: int
+    username: str
+    name: str
+    status: Literal["available", "paused", "offline"]
+    reason: str | None
+    since: str | None
+    in_wrapup: bool
+    active_conversations: int
+    pending_offers: int
+
+
+class CounselorsSummary(BaseModel):
+    available: int
+    paused: int
+    offline: int
+
+
+class OutboxState(BaseModel):
+    pending: int
+    oldest_pending_age_s: float | None
+
+
+class SiteOverview(BaseModel):
+    slug: str
+    name: str
+    max_chats_per_counselor: int | None
+    offer_timeout_s: float | None
+    queue: QueueCounts
+    counselors: list[CounselorState]
+    counselors_summary: CounselorsSummary
+    offers_lapsed_last_hour: int
+    outbox: OutboxState
+    dead_letters: int
+
+
+class Overview(BaseModel):
+    generated_at: str
+    sites: list[SiteOverview]
+
+
+class DeadLetter(BaseModel):
+    """An event a peer refused for good: the reason and the conversation, never the text."""
+
+    id: int
+    site: str
+    conversation_id: str
+    chat_session: str | None
+    event: str  # message | ack | queued | assigned | closed | position | out_of_hours | overflow | reopened
+    last_error: str | None
+    attempts: int
+    created_at: str
+
+
+class DeadLetters(BaseModel):
+    results: list[DeadLetter]
+    count: int  # all of them, beyond ``limit``
+
+
+class Replayed(BaseModel):
+    id: int
+    site: str
+    status: Literal["pending"]
+
+
+class HourStats(BaseModel):
+    start: str  # the hour, UTC
+    conversations: int  # started in that hour
+    assigned: int  # of those, assigned since
+    median_wait_s: float | None
+    max_wait_s: float | None
+
+
+class SiteStats(BaseModel):
+    slug: str
+    name: str
+    hours: list[HourStats]  # oldest first
+
+
+class Stats(BaseModel):
+    generated_at: str
+    hours: int
+    sites: list[SiteStats]
+
+
+StaffRole = Literal["counselor", "supervisor", "admin"]
+
+
+class AuditEntryView(BaseModel):
+    id: int
+    at: str
+    user_id: int
+    username: str
+    role: StaffRole
+    action: Action
+    conversation_id: str
+    site: str
+    address: str | None
+
+
+class AuditLog(BaseModel):
+    results: list[AuditEntryView]  # newest first
+    count: int
+
+
+# -- a case file (GET /api/conversations/<id>/export) ----------------------------------------------
+
+
+class Person(BaseModel):
+    id: int
+    username: str
+    name: str
+
+
+class Exporter(Person):
+    role: StaffRole
+
+
+class CaseClient(BaseModel):
+    """The pseudonym for a counselor; supervisors and admins also get the contact identifiers."""
+
+    name: str
+    id: str | None = None
+    contact_urn: str | None = None
+    contact_uuid: str | None = None
+
+
+class CaseConversation(ConversationView):
+    purged_at: str | None
+    counselor: Person | None
+    client: CaseClient
+
+
+class CaseOffer(BaseModel):
+    id: int
+    site: str
+    counselor: Person | None
+    status: OfferState
+    created_at: str
+    deadline: str
+    resolved_at: str | None
+
+
+class CaseFile(BaseModel):
+    format: Literal["helpline.conversation/1"]
+    exported_at: str
+    exported_by: Exporter
+    conversation: CaseConversation
+    messages: list[MessageView]  # oldest first
+    offers: list[CaseOffer]  # oldest first
+    audit: list[AuditEntryView]  # oldest first, this export included

@@ -29,6 +29,7 @@ from helpline.api.deps import body_doc, core_of, nul_field, principal
 from helpline.api.errors import STATUS, ApiError
 from helpline.api.errors import responses as api_responses
 from helpline.api.openchs import URN_RE, UUID_RE, path_site
+from helpline.api.schemas import ConversationReopened, answer
 from helpline.domain import errors as d
 from helpline.domain import tickets
 from helpline.domain.auth import Principal
@@ -320,8 +321,12 @@ class ReceivedOut(BaseModel):
     status: Literal["received"]
 
 
-class StatusOut(BaseModel):
-    status: str
+class ClosedOut(BaseModel):
+    status: Literal["closed"]
+
+
+class ReopenedOut(BaseModel):
+    status: Literal["open"]
 
 
 class HistoryOut(BaseModel):
@@ -480,7 +485,7 @@ async def message(request: Request, who: Caller, site: SiteSlug, keys: Keys, ext
 
 @router.post(
     "/tickets/{external_id}/close",
-    response_model=StatusOut,
+    response_model=ClosedOut,
     openapi_extra=body_doc(CloseIn),
     responses=responses(400, 401, 403, 404, 409, 413, 415, 503),
     summary="Weni closed the ticket (409 ticket_already_closed)",
@@ -494,7 +499,7 @@ async def close(request: Request, who: Caller, site: SiteSlug, keys: Keys, exter
 
 @router.post(
     "/tickets/{external_id}/reopen",
-    response_model=StatusOut,
+    response_model=ReopenedOut,
     openapi_extra=body_doc(ReopenIn),
     responses=responses(400, 401, 403, 404, 409, 413, 415, 503),
     summary="Weni reopened the ticket: it is queued for a counselor again",
@@ -536,7 +541,11 @@ agent_router = APIRouter(tags=["counselor"])
 
 @agent_router.post(
     "/conversations/{conversation_id}/reopen/",
-    responses=api_responses(401, 403, 404, 409, 422, 503),
+    response_model=None,
+    responses={
+        **answer(ConversationReopened, "queued again, or mine again (a counselor); or open already"),
+        **api_responses(401, 403, 404, 409, 422, 503),
+    },
     summary="Reopen a closed Weni ticket (Weni is told); 422 for other conversations",
 )
 async def reopen_conversation(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:

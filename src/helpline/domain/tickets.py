@@ -216,6 +216,17 @@ def choose_site(core: Core, who: Principal, *, path_site: str | None, topic_name
     return core.sites.default
 
 
+def _require_chatbot(who: Principal, path_site: str | None) -> None:
+    """A chatbot (or admin), allowed to act for the site of a ``/sites/<slug>/v1/...`` path.
+
+    Checked before anything is looked up (a repeat's first answer included): an account bound to
+    one site gets 403 for another site's path, as on the OpenCHS-style API, whatever the ticket.
+    """
+    who.require_role(Role.CHATBOT, Role.ADMIN)
+    if path_site is not None:
+        who.require_site(path_site)
+
+
 def _risk(priority: str | None) -> Risk:
     return PRIORITY_RISK.get((priority or "normal").lower(), Risk.MEDIUM)
 
@@ -233,7 +244,8 @@ async def _ticket(
     if row is None:
         raise TicketNotFound(external_id)
     ticket, conv = row
-    if path_site is not None and conv.site != path_site:
+    # A ticket transferred or overflowed to another site is still its origin site's ticket.
+    if path_site is not None and path_site not in (conv.site, conv.origin_site):
         raise TicketNotFound(external_id)
     return ticket, conv
 
@@ -283,7 +295,7 @@ def _reopen(conv: Conversation, t: float, *, counselor_id: int | None) -> None:
 
 async def open_ticket(core: Core, who: Principal, data: OpenIn, keys: RequestKeys, *, path_site: str | None) -> Answer:
     """``POST /v1/tickets``: 201 ``{"external_id", "status": "open", "created_at"}``."""
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _open(core, who, data, keys, path_site))
 
 
@@ -378,7 +390,7 @@ async def add_message(
     core: Core, who: Principal, external_id: str, data: MessageIn, keys: RequestKeys, *, path_site: str | None
 ) -> Answer:
     """``POST /v1/tickets/{external_id}/messages``: 200 ``{"message_external_id", "status": "received"}``."""
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _add_message(core, who, external_id, data, keys, path_site))
 
 
@@ -432,7 +444,7 @@ async def close_ticket(
     core: Core, who: Principal, external_id: str, reason: str | None, keys: RequestKeys, *, path_site: str | None
 ) -> Answer:
     """``POST /v1/tickets/{external_id}/close``: 200 ``{"status": "closed"}``; 409 when already closed."""
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _close(core, who, external_id, reason, keys, path_site))
 
 
@@ -456,7 +468,7 @@ async def reopen_ticket(
     core: Core, who: Principal, external_id: str, keys: RequestKeys, *, path_site: str | None
 ) -> Answer:
     """``POST /v1/tickets/{external_id}/reopen``: the conversation is queued and hunted again."""
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _reopen_ticket(core, who, external_id, keys, path_site))
 
 
@@ -492,7 +504,7 @@ async def add_history(
     already ``sent``, marked with their sender, that nobody sends again. A message already stored
     (same ``message_id``, or same direction, time and text when it has none) is not added twice.
     """
-    who.require_role(Role.CHATBOT, Role.ADMIN)
+    _require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _add_history(core, who, external_id, messages, keys, path_site))
 
 
