@@ -24,6 +24,8 @@ from helpline.logs import install_redaction
 from helpline.routing.asterisk import AsteriskPresence
 from helpline.routing.hunt import Hunter
 from helpline.settings import Settings
+from helpline.store.checkpoint import WalCheckpointer
+from helpline.store.db import is_sqlite, sqlite_path
 from helpline.store.migrate import upgrade
 
 CHATBOT_PREFIXES = ("/api", "/open/api", "/sites/{site}/api", "/sites/{site}/open/api")
@@ -44,6 +46,9 @@ def create_app(
         tasks: list[asyncio.Task[Any]] = []
         client = RapidProClient()
         weni_client = WeniClient()
+        wal = sqlite_path(settings.database_url) if is_sqlite(settings.database_url) else None
+        if wal is not None:
+            tasks.append(asyncio.create_task(WalCheckpointer(wal).run(), name="wal-checkpoint"))
         if core.listener is not None:
             tasks.append(asyncio.create_task(core.listener.run(), name="bus"))
             with contextlib.suppress(TimeoutError):

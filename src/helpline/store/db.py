@@ -2,14 +2,91 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from collections.abc import Callable, Generator
 from typing import Any
 
-from sqlalchemy import event
+import aiosqlite
+from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+# How long the SQLite writer waits for another process's write lock (a CLI command, say) before
+# the request fails with a 503: it waits on the event loop's thread, so briefly.
+WRITER_BUSY_TIMEOUT_MS = 250
 
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
+
+
+class _RunNow:
+    """Stands in for aiosqlite's queue to its worker thread: each call runs at once, here."""
+
+    def put_nowait(self, item: tuple[asyncio.Future[Any] | None, Callable[[], Any]]) -> None:
+        future, function = item
+        try:
+            result = function()
+        except BaseException as exc:  # handed to the awaiting caller, as aiosqlite's thread does
+            if future is not None and not future.done():
+                future.set_exception(exc)
+        else:
+            if future is not None and not future.done():
+                future.set_result(result)
+
+
+class InlineConnection(aiosqlite.Connection):
+    """aiosqlite's API, but each call runs on the calling (event loop) thread, with no worker thread.
+
+    The writer's statements are short point reads and writes into the OS page cache (WAL,
+    ``synchronous=NORMAL``, no checkpoint on this connection: :class:`WalCheckpointer` does that
+    on its own thread), typically tens of microseconds: less than the two thread switches and the
+    loop wake-up that aiosqlite spends per call (and SQLAlchemy makes several calls per statement).
+    """
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection]) -> None:
+        super().__init__(connector, iter_chunk_size=64)
+        self._tx = _RunNow()  # type: ignore[assignment]
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self._running or self._connection is None:
+            raise ValueError("Connection closed")
+        return fn(*args, **kwargs)
+
+    async def _connect(self) -> InlineConnection:
+        if self._connection is None:
+            self._connection = self._connector()
+        return self
+
+    def __await__(self) -> Generator[Any, None, InlineConnection]:
+        return self._connect().__await__()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    async def close(self) -> None:
+        self.stop()
+
+
+def _inline_creator(database: str) -> Callable[[], Any]:
+    async def connect() -> InlineConnection:
+        def connector() -> sqlite3.Connection:
+            conn = sqlite3.connect(database, timeout=WRITER_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the WalCheckpointer's thread does it
+            return conn
+
+        return await InlineConnection(connector)
+
+    return connect
+
+
+def sqlite_path(url: str) -> str | None:
+    """The database file of a SQLite URL; None for an in-memory database."""
+    database = make_url(url).database
+    return None if not database or database == ":memory:" else database
 
 
 def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
@@ -22,8 +99,15 @@ def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
     engine opens deferred transactions on a pool of connections: under WAL, reads never wait.
     """
     if is_sqlite(url):
-        pool = {"pool_size": 4, "max_overflow": 4} if reader else {"pool_size": 1, "max_overflow": 0}
-        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True, **pool)
+        path = sqlite_path(url)
+        kw: dict[str, Any]
+        if reader or path is None:
+            kw = {"pool_size": 4, "max_overflow": 4} if reader else {"pool_size": 1, "max_overflow": 0}
+            kw["connect_args"] = {"timeout": 30}
+        else:
+            kw = {"pool_size": 1, "max_overflow": 0, "async_creator": _inline_creator(path)}
+        engine = create_async_engine(url, hide_parameters=True, **kw)
+        busy_ms = 30000 if reader or path is None else WRITER_BUSY_TIMEOUT_MS
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -31,7 +115,7 @@ def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.close()
             # Let SQLAlchemy's "begin" below open every transaction as a writer: a deferred
             # transaction that reads, then writes, fails at once with SQLITE_BUSY under concurrency.
