@@ -24,6 +24,17 @@ QUEUE_WAIT = Histogram(
     buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
     registry=REGISTRY,
 )
+INBOUND_BATCH = Histogram(
+    "helpline_inbound_batch_messages",
+    "Chatbot messages written per transaction (domain.inbound)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=REGISTRY,
+)
+INBOUND_BATCH_FAILED = Counter(
+    "helpline_inbound_batches_failed",
+    "Transactions of chatbot messages that failed as a whole; each message was then retried alone",
+    registry=REGISTRY,
+)
 OUTBOX_DEPTH = Gauge("helpline_outbox_depth", "Outbox events by status", ["status"], registry=REGISTRY)
 OUTBOX_OLDEST = Gauge(
     "helpline_outbox_oldest_pending_age_seconds", "Age of the oldest pending event", registry=REGISTRY

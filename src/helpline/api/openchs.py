@@ -13,6 +13,7 @@ from helpline.api.errors import ApiError, responses
 from helpline.api.schemas import ChatAcked, ChatClosed, ChatList, ChatMessages, answer
 from helpline.domain import conversations as convs
 from helpline.domain.auth import Principal, issue_token, revoke_token
+from helpline.domain.inbound import ChatIn
 from helpline.domain.states import Risk
 from helpline.domain.views import iso
 
@@ -87,8 +88,11 @@ class AckPost(BaseModel):
     status: Literal["delivered", "read", "failed"]
 
 
-def path_site(request: Request) -> str | None:
-    """The ``<slug>`` of ``/sites/<slug>/api/...``; 404 when no such site is configured."""
+async def path_site(request: Request) -> str | None:
+    """The ``<slug>`` of ``/sites/<slug>/api/...``; 404 when no such site is configured.
+
+    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its thread pool.
+    """
     slug = request.path_params.get("site")
     if slug is None:
         return None
@@ -141,7 +145,7 @@ async def post_chat(request: Request, who: Caller, site: SiteSlug) -> JSONRespon
     answer = await convs.post_chat(
         core_of(request),
         who,
-        convs.ChatIn(
+        ChatIn(
             chat_sender=str(body.chat_sender),
             chat_receiver=None if body.chat_receiver is None else str(body.chat_receiver),
             chat_message=body.chat_message,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import or_, select, tuple_
@@ -16,33 +15,13 @@ from helpline.domain import notices
 from helpline.domain.auth import Principal, Role
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
+from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, repeat_answer
 from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
 from helpline.store.models import Agent, Conversation, IdempotencyKey, Message, Offer, User
 
 # Order of a counselor message's delivery as the chatbot reports it; it never goes backwards.
 _OUT_RANK = {"pending": 0, "sent": 1, "delivered": 2, "read": 3}
-
-
-@dataclass(frozen=True)
-class ChatIn:
-    chat_sender: str
-    chat_message: str
-    chat_session: str
-    chat_source: str
-    chat_receiver: str | None = None
-    message_id: str | None = None
-    client_name: str | None = None
-    location: str | None = None
-    risk: Risk | None = None
-    contact_urn: str | None = None
-    contact_uuid: str | None = None
-
-
-@dataclass(frozen=True)
-class Answer:
-    created: bool  # False: an idempotent repeat, answered 200 with the first answer
-    body: dict[str, Any]
 
 
 def _require_chatbot(who: Principal, path_site: str | None) -> None:
@@ -54,6 +33,11 @@ def _require_chatbot(who: Principal, path_site: str | None) -> None:
 
 async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
     _require_chatbot(who, path_site)
+    if core.inbound is None:
+        core.inbound = InboundBatcher(core)
+    answer = await core.inbound.submit(who, msg, path_site)  # a message continuing a conversation
+    if answer is not None:
+        return answer
     try:
         return await _post_chat(core, who, msg, path_site=path_site)
     except IntegrityError:
@@ -73,14 +57,7 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
                 )
             )
             if first is not None:
-                answer = json.loads(first)
-                if answer.get("chat_session") != msg.chat_session:
-                    # Not a retry: answering 200 would tell the chatbot a message it never stored arrived.
-                    raise Conflict(
-                        f"message_id {msg.message_id!r} was already used in another chat_session",
-                        fields={"message_id": ["already used in another chat_session"]},
-                    )
-                return Answer(False, answer)
+                return repeat_answer(first, msg)
         conv = await s.scalar(
             select(Conversation)
             .where(Conversation.chatbot_id == who.id, Conversation.chat_session == msg.chat_session)
@@ -112,13 +89,18 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
             )
             s.add(conv)
             tx.wake_hunter = True
+            queue_changed = True
             await notices.conversation_created(core, tx, conv, t)  # queued, or out_of_hours
         else:
             if path_site is not None and path_site not in (conv.site, conv.origin_site):
                 raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
             if conv.status == ConversationStatus.CLOSED:
                 raise Conflict(f"conversation {msg.chat_session!r} is closed")
+            risk_rank = conv.risk_rank
             _refresh_contact(conv, msg)
+            # The queue's order and the dashboards change with a new conversation or a higher risk;
+            # another message in a conversation does not change them: no event to every socket of the site.
+            queue_changed = conv.risk_rank != risk_rank
         delivery = "delivered" if conv.status == ConversationStatus.ASSIGNED else "queued"
         m = Message(
             uuid=str(uuid.uuid4()),
@@ -154,7 +136,8 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
         if conv.status == ConversationStatus.ASSIGNED and conv.counselor_id is not None:
             # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
             tx.notify(conv.counselor_id, "message", message=message_view(m))
-        tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        if queue_changed:
+            tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
         return Answer(True, body)
 
 

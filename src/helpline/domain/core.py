@@ -20,6 +20,7 @@ from helpline.store import bus
 
 if TYPE_CHECKING:
     from helpline.domain.auth import Principal
+    from helpline.domain.inbound import InboundBatcher
 from helpline.store.db import is_sqlite, make_engine, make_sessionmaker
 
 
@@ -66,8 +67,11 @@ class Core:
         self.hub = EventHub()
         # sha256(token) -> (principal, remembered until): see helpline.domain.auth.authenticate.
         self.auth_cache: dict[str, tuple[Principal, float]] = {}
+        self.auth_pending: dict[str, asyncio.Future[Principal]] = {}  # lookups in flight, per sha256
         # Told of every committed presence change (e.g. the Asterisk adapter); by default, nobody.
         self.presence_sink: PresenceSink = NoPresenceSink()
+        # Chatbot messages continuing a conversation, written in batches (made on first use).
+        self.inbound: InboundBatcher | None = None
         self.hunter_wakeup = asyncio.Event()
         self.outbox_wakeup = asyncio.Event()
         # On PostgreSQL, events and wake-ups reach every instance through LISTEN/NOTIFY.

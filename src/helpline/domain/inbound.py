@@ -1,0 +1,282 @@
+"""Chatbot messages that continue a conversation, written in batches: one transaction for many.
+
+Under load, many ``POST /api/chat/`` requests are in flight at once. Each one hands its message
+to the :class:`InboundBatcher` and waits; the batcher takes everything waiting and writes it in
+one transaction: one read of the idempotency keys, one read (and lock) of the conversations, one
+multi-row INSERT of the messages and one of the keys, one commit. Each request gets its own
+answer (or its own error) only after that commit, so a 201 still means "stored".
+
+What the batch does not handle is handed back (``None``) to the caller's one-message path in
+``domain.conversations``: a new conversation (its routing, notices and hunter wake-up). If the
+batch's transaction fails as a whole (a constraint a concurrent writer tripped, say), every
+request in it is handed back too, and each is retried alone: one bad message fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import ColumnElement, Table, and_, insert, or_, select, update
+
+from helpline import metrics
+from helpline.domain.auth import Principal
+from helpline.domain.core import Core, now
+from helpline.domain.errors import Conflict
+from helpline.domain.states import ConversationStatus, Risk
+from helpline.domain.views import iso
+from helpline.store.models import Conversation, IdempotencyKey, Message
+
+log = structlog.get_logger("helpline.inbound")
+
+MAX_BATCH = 256
+
+_CONVERSATIONS = cast(Table, Conversation.__table__)
+_C = _CONVERSATIONS.c
+_M = cast(Table, Message.__table__)
+_K = cast(Table, IdempotencyKey.__table__)
+
+
+@dataclass(frozen=True)
+class ChatIn:
+    chat_sender: str
+    chat_message: str
+    chat_session: str
+    chat_source: str
+    chat_receiver: str | None = None
+    message_id: str | None = None
+    client_name: str | None = None
+    location: str | None = None
+    risk: Risk | None = None
+    contact_urn: str | None = None
+    contact_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    created: bool  # False: an idempotent repeat, answered 200 with the first answer
+    body: dict[str, Any]
+
+
+@dataclass
+class _Item:
+    who: Principal
+    msg: ChatIn
+    path_site: str | None
+    future: asyncio.Future[Answer | None]
+
+
+def repeat_answer(first: str, msg: ChatIn) -> Answer:
+    """The stored first answer to a ``message_id``, for a repeat of it (409 if from another chat)."""
+    answer: dict[str, Any] = json.loads(first)
+    if answer.get("chat_session") != msg.chat_session:
+        # Not a retry: answering 200 would tell the chatbot a message it never stored arrived.
+        raise Conflict(
+            f"message_id {msg.message_id!r} was already used in another chat_session",
+            fields={"message_id": ["already used in another chat_session"]},
+        )
+    return Answer(False, answer)
+
+
+class InboundBatcher:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._waiting: list[_Item] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, who: Principal, msg: ChatIn, path_site: str | None) -> Answer | None:
+        """Store ``msg`` with others; its answer, or None: take the one-message path."""
+        future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Item(who, msg, path_site, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="inbound-batch")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            try:
+                await self._write(batch)
+            except Exception as exc:  # the whole transaction failed: each message is retried alone
+                metrics.INBOUND_BATCH_FAILED.inc()
+                log.info("inbound_batch_retried_alone", size=len(batch), error=type(exc).__name__)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_result(None)
+            except BaseException:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_result(None)
+                raise
+
+    async def _write(self, batch: list[_Item]) -> None:
+        metrics.INBOUND_BATCH.observe(len(batch))
+        t = now()
+        outcomes: list[Answer | Exception | None] = [None] * len(batch)
+        async with self.core.tx() as tx:
+            conn = await tx.session.connection()
+            firsts: dict[tuple[int, str], str] = {}
+            keys = {(it.who.id, it.msg.message_id) for it in batch if it.msg.message_id is not None}
+            if keys:
+                rows = await conn.execute(
+                    select(_K.c.chatbot_id, _K.c.message_id, _K.c.response).where(
+                        _pairs_in(_K.c.chatbot_id, _K.c.message_id, keys)
+                    )
+                )
+                firsts = {(r.chatbot_id, r.message_id): r.response for r in rows}
+            sessions = {(it.who.id, it.msg.chat_session) for it in batch}
+            rows = await conn.execute(
+                select(
+                    _C.id,
+                    _C.chatbot_id,
+                    _C.chat_session,
+                    _C.site,
+                    _C.origin_site,
+                    _C.status,
+                    _C.counselor_id,
+                    _C.risk,
+                    _C.risk_rank,
+                    _C.contact_urn,
+                    _C.contact_uuid,
+                )
+                .where(_pairs_in(_C.chatbot_id, _C.chat_session, sessions))
+                .order_by(_C.id)  # one lock order for every writer
+                .with_for_update()
+            )
+            convs = {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows}
+            changed: dict[str, dict[str, Any]] = {}
+            messages: list[dict[str, Any]] = []
+            idem: list[dict[str, Any]] = []
+            placed: list[tuple[int, dict[str, Any]]] = []  # (item index, its conversation) per message
+            for i, it in enumerate(batch):
+                msg = it.msg
+                key = (it.who.id, msg.message_id) if msg.message_id is not None else None
+                try:
+                    if key is not None and key in firsts:
+                        outcomes[i] = repeat_answer(firsts[key], msg)
+                        continue
+                    conv = convs.get((it.who.id, msg.chat_session))
+                    if conv is None:
+                        continue  # a new conversation: the one-message path
+                    if it.path_site is not None and it.path_site not in (conv["site"], conv["origin_site"]):
+                        raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
+                    if conv["status"] == ConversationStatus.CLOSED:
+                        raise Conflict(f"conversation {msg.chat_session!r} is closed")
+                except Conflict as exc:
+                    outcomes[i] = exc
+                    continue
+                risk_rank = conv["risk_rank"]
+                if _refresh_contact(conv, msg):
+                    changed[conv["id"]] = conv
+                if conv["risk_rank"] != risk_rank:  # the queue's order and the dashboards change
+                    tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
+                delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
+                row = {
+                    "uuid": str(uuid.uuid4()),
+                    "conversation_id": conv["id"],
+                    "direction": "in",
+                    "external_id": msg.message_id or str(uuid.uuid4()),
+                    "text": msg.chat_message,
+                    "status": delivery,
+                    "created_at": t,
+                    "status_at": t,
+                }
+                body = {
+                    "status": "success",
+                    "uuid": row["uuid"],
+                    "chat_session": msg.chat_session,
+                    "message_id": row["external_id"],
+                    "delivery": delivery,
+                    "created": False,
+                }
+                messages.append(row)
+                placed.append((i, conv))
+                outcomes[i] = Answer(True, body)
+                if key is not None:
+                    response = json.dumps(body)
+                    firsts[key] = response  # a repeat later in this batch gets this answer
+                    idem.append(
+                        {
+                            "chatbot_id": key[0],
+                            "message_id": key[1],
+                            "conversation_id": conv["id"],
+                            "response": response,
+                            "created_at": t,
+                        }
+                    )
+            for conv in changed.values():
+                await conn.execute(
+                    update(_CONVERSATIONS)
+                    .where(_C.id == conv["id"])
+                    .values(
+                        risk=conv["risk"],
+                        risk_rank=conv["risk_rank"],
+                        contact_urn=conv["contact_urn"],
+                        contact_uuid=conv["contact_uuid"],
+                    )
+                )
+            if messages:
+                ids = (
+                    await conn.execute(insert(_M).returning(_M.c.id, sort_by_parameter_order=True), messages)
+                ).scalars()
+                for row, id_, (_i, conv) in zip(messages, ids, placed, strict=True):
+                    metrics.MESSAGES_IN.labels(conv["site"]).inc()
+                    if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
+                        # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
+                        tx.notify(conv["counselor_id"], "message", message=_message_view(id_, row))
+            if idem:
+                await conn.execute(insert(_K), idem)
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+
+def _pairs_in(
+    owner: ColumnElement[int], name: ColumnElement[str], pairs: Iterable[tuple[int, str]]
+) -> ColumnElement[bool]:
+    """``(owner, name) IN pairs``, written per owner (usually one chatbot): ``owner = ? AND name IN (...)``,
+    which binds faster than a tuple IN and uses the same unique index."""
+    by_owner: dict[int, list[str]] = {}
+    for o, n in pairs:
+        by_owner.setdefault(o, []).append(n)
+    return or_(*(and_(owner == o, name.in_(sorted(names))) for o, names in sorted(by_owner.items())))
+
+
+def _refresh_contact(conv: dict[str, Any], msg: ChatIn) -> bool:
+    """A later message may bring the contact's URN or UUID, or a higher risk; True if it did."""
+    before = (conv["contact_urn"], conv["contact_uuid"], conv["risk_rank"])
+    if msg.contact_urn:
+        conv["contact_urn"] = msg.contact_urn
+    if msg.contact_uuid:
+        conv["contact_uuid"] = msg.contact_uuid
+    if msg.risk is not None and msg.risk.rank > conv["risk_rank"]:
+        conv["risk"] = msg.risk.value
+        conv["risk_rank"] = msg.risk.rank
+    return (conv["contact_urn"], conv["contact_uuid"], conv["risk_rank"]) != before
+
+
+def _message_view(id_: int, row: dict[str, Any]) -> dict[str, Any]:
+    """``views.message_view`` of a chatbot message just inserted from ``row``."""
+    return {
+        "id": id_,
+        "uuid": row["uuid"],
+        "message_id": row["external_id"],
+        "conversation_id": row["conversation_id"],
+        "direction": "in",
+        "sender": "contact",
+        "text": row["text"],
+        "attachments": [],
+        "status": row["status"],
+        "counselor_name": None,
+        "created_at": iso(row["created_at"]),
+        "status_at": iso(row["status_at"]),
+    }

@@ -1,0 +1,208 @@
+"""Chatbot messages continuing conversations are written many per transaction (domain.inbound).
+
+Messages handed to the batcher in the same turn of the event loop share one transaction, which
+is what concurrent ``POST /api/chat/`` requests do under load. These tests hand them over that way
+on the server's own loop, then look at what the chatbot, the counselor's WebSocket and the store
+see: every message stored once, answers as if each had been posted alone, order kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import insert, select
+
+from conftest import Env
+from helpline import metrics
+from helpline.domain import conversations as convs
+from helpline.domain.auth import Principal, authenticate
+from helpline.domain.errors import Conflict
+from helpline.domain.inbound import Answer, ChatIn
+from helpline.store.models import Conversation, IdempotencyKey, Message
+from helpline.testing.fake_chatbot import FakeChatbot
+from helpline.testing.fake_counselor import FakeCounselor
+
+
+def chat_in(session: str, text: str, message_id: str | None = None, **extra: Any) -> ChatIn:
+    return ChatIn(
+        chat_sender="23343411",
+        chat_message=text,
+        chat_session=session,
+        chat_source="WENI",
+        message_id=message_id,
+        **extra,
+    )
+
+
+def post_together(env: Env, bot: FakeChatbot, msgs: list[ChatIn]) -> list[Answer | Exception]:
+    """Post ``msgs`` at once, as concurrent requests do: all handed over before any is written."""
+    core = env.server.core
+
+    token = bot.token
+    assert token is not None
+
+    async def go() -> list[Answer | Exception]:
+        who: Principal = await authenticate(core, token)
+        before = _batches()
+        results = await asyncio.gather(
+            *(convs.post_chat(core, who, m, path_site=None) for m in msgs), return_exceptions=True
+        )
+        assert _batches() == before + 1, "the messages were not handed over together"
+        return [r if isinstance(r, Answer | Exception) else Exception(repr(r)) for r in results]
+
+    return env.server.call(go())
+
+
+def _batches() -> float:
+    return metrics.REGISTRY.get_sample_value("helpline_inbound_batch_messages_count") or 0.0
+
+
+def _failed() -> float:
+    """Transactions that failed as a whole (their messages then retried one at a time)."""
+    return metrics.REGISTRY.get_sample_value("helpline_inbound_batches_failed_total") or 0.0
+
+
+def assigned(env: Env, bot: FakeChatbot, counselor: FakeCounselor, session: str) -> str:
+    r = bot.send(session, "hello", message_id=f"{session}-0")
+    assert r.status_code == 201, r.text
+    offer = counselor.wait_for("offer", lambda e: e["offer"]["conversation"]["chat_session"] == session)["offer"]
+    r = counselor.read_offer(offer["id"])
+    assert r.status_code == 200, r.text
+    return str(r.json()["conversation"]["id"])
+
+
+def stored(env: Env, conversation_id: str) -> list[tuple[str, str]]:
+    async def go() -> list[tuple[str, str]]:
+        async with env.server.core.sessionmaker() as s:
+            rows = await s.execute(
+                select(Message.external_id, Message.text)
+                .where(Message.conversation_id == conversation_id)
+                .order_by(Message.id)
+            )
+            return [(r.external_id, r.text) for r in rows]
+
+    return env.server.call(go())
+
+
+def test_one_transaction_answers_each_message_as_if_posted_alone(env: Env) -> None:
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    a = assigned(env, bot, amina, "batch-a")
+    b = assigned(env, bot, amina, "batch-b")
+    assert bot.send("batch-closed", "bye", message_id="c-0").status_code == 201
+    assert bot.close("batch-closed").status_code == 200
+    first_answer = bot.send("batch-a", "earlier", message_id="a-earlier")
+    assert first_answer.status_code == 201, first_answer.text
+
+    msgs = [
+        chat_in("batch-a", "a1", "a-1"),
+        chat_in("batch-b", "b1", "b-1"),
+        chat_in("batch-a", "a2", "a-2"),
+        chat_in("batch-a", "a1 again", "a-1"),  # a retry inside the same batch: the first answer
+        chat_in("batch-a", "a retry of an earlier one", "a-earlier"),  # a retry of a stored message
+        chat_in("batch-b", "used elsewhere", "a-2"),  # a message_id of another chat_session: 409
+        chat_in("batch-closed", "too late", "c-1"),  # a closed conversation: 409
+        chat_in("batch-a", "a3, no message_id"),
+        chat_in("batch-b", "b2", "b-2", contact_urn="whatsapp:254700000001"),
+    ]
+    failed = _failed()
+    results = post_together(env, bot, msgs)
+    assert _failed() == failed, "the batch fell back to one message at a time"
+
+    ok = [r for r in results if isinstance(r, Answer)]
+    a1, b1, a2, a1_again, earlier, elsewhere, closed, a3, b2 = results
+    assert isinstance(a1, Answer) and a1.created and a1.body["delivery"] == "delivered"
+    assert isinstance(a1_again, Answer) and not a1_again.created and a1_again.body == a1.body
+    assert isinstance(earlier, Answer) and not earlier.created and earlier.body == first_answer.json()
+    assert isinstance(elsewhere, Conflict) and "another chat_session" in str(elsewhere)
+    assert isinstance(closed, Conflict) and "closed" in str(closed)
+    assert isinstance(a3, Answer) and a3.created and a3.body["message_id"]
+    assert all(isinstance(r, Answer) and r.created for r in (b1, a2, b2)), (b1, a2, b2)
+    assert len({r.body["uuid"] for r in ok if r.created}) == 5  # a1 b1 a2 a3 b2
+
+    assert stored(env, a) == [
+        ("batch-a-0", "hello"),
+        ("a-earlier", "earlier"),
+        ("a-1", "a1"),
+        ("a-2", "a2"),
+        (a3.body["message_id"], "a3, no message_id"),
+    ]
+    assert stored(env, b) == [("batch-b-0", "hello"), ("b-1", "b1"), ("b-2", "b2")]
+
+    # The counselor hears each new message once, in the order stored, with its row's id.
+    def heard() -> list[str]:
+        return [e["message"]["text"] for e in amina.of_type("message") if e["message"]["direction"] == "in"]
+
+    amina.wait_for("message", lambda e: e["message"]["text"] == "b2")
+    assert heard() == ["earlier", "a1", "b1", "a2", "a3, no message_id", "b2"]
+    ids = [e["message"]["id"] for e in amina.of_type("message") if e["message"]["direction"] == "in"]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+    # What the chatbot reads back over HTTP agrees, and the new contact address was kept.
+    assert [m["text"] for m in bot.messages("batch-b").json()["results"]] == ["hello", "b1", "b2"]
+
+    async def urn() -> str | None:
+        async with env.server.core.sessionmaker() as s:
+            return await s.scalar(select(Conversation.contact_urn).where(Conversation.id == b))
+
+    assert env.server.call(urn()) == "whatsapp:254700000001"
+
+
+def test_a_new_conversation_in_a_batch_takes_the_one_message_path(env: Env) -> None:
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    a = assigned(env, bot, amina, "old")
+    results = post_together(
+        env, bot, [chat_in("old", "x", "o-1"), chat_in("new", "first", "n-1"), chat_in("new", "second", "n-2")]
+    )
+    assert all(isinstance(r, Answer) for r in results), results
+    assert [r.body["created"] for r in results if isinstance(r, Answer)].count(True) == 1
+    assert [t for _, t in stored(env, a)] == ["hello", "x"]
+    assert sorted(m["text"] for m in bot.messages("new").json()["results"]) == ["first", "second"]
+    offer = amina.wait_for("offer", lambda e: e["offer"]["conversation"]["chat_session"] == "new")
+    assert offer["offer"]["conversation"]["chat_session"] == "new"
+
+
+def test_a_batch_that_fails_is_retried_one_message_at_a_time(env: Env) -> None:
+    """A message the store refuses (here: its id already stored without an idempotency record)
+    fails alone; the others of its transaction are written once each."""
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    a = assigned(env, bot, amina, "fails")
+
+    async def plant() -> None:
+        async with env.server.core.tx() as tx:
+            await tx.session.execute(
+                insert(Message).values(
+                    uuid="00000000-0000-4000-8000-000000000001",
+                    conversation_id=a,
+                    direction="in",
+                    external_id="clash",
+                    text="planted",
+                    status="delivered",
+                    created_at=0.0,
+                    status_at=0.0,
+                )
+            )
+
+    env.server.call(plant())
+    failed = _failed()
+    results = post_together(
+        env, bot, [chat_in("fails", "one", "f-1"), chat_in("fails", "boom", "clash"), chat_in("fails", "two", "f-2")]
+    )
+    one, boom, two = results
+    assert _failed() == failed + 1
+    assert isinstance(one, Answer) and one.created, one
+    assert isinstance(two, Answer) and two.created, two
+    assert isinstance(boom, Exception) and not isinstance(boom, Answer)
+    assert [t for _, t in stored(env, a)] == ["hello", "planted", "one", "two"]
+
+    async def keys() -> list[str]:
+        async with env.server.core.sessionmaker() as s:
+            return list(await s.scalars(select(IdempotencyKey.message_id).order_by(IdempotencyKey.id)))
+
+    assert "clash" not in env.server.call(keys())
+    # The chatbot's retries of the two stored messages are repeats, not new rows.
+    assert bot.send("fails", "one", message_id="f-1").status_code == 200
+    assert [t for _, t in stored(env, a)] == ["hello", "planted", "one", "two"]
