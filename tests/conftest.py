@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -27,6 +28,16 @@ from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer
 
 PG_URL = os.environ.get("HELPLINE_TEST_DATABASE_URL")
+
+# structlog's default console output renders a logged exception with rich (syntax-highlighted
+# source of every frame): seconds of CPU on the server's event loop per traceback, which stalls
+# the live server under test. Plain tracebacks instead; `helpline serve` logs JSON anyway.
+structlog.configure(
+    processors=[
+        *structlog.get_config()["processors"][:-1],
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+    ]
+)
 PASSWORD = "correct-horse-battery"
 
 
