@@ -9,9 +9,10 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,11 +21,13 @@ from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import select
 
-from conftest import PASSWORD, Env
+from conftest import PASSWORD, Env, sites_toml
 from helpline.domain import auth
 from helpline.domain.sites import SiteRegistry
+from helpline.settings import Settings
 from helpline.store.models import Offer
 from helpline.testing.fake_counselor import FakeCounselor
+from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer
 
 Event = dict[str, Any]
@@ -289,6 +292,91 @@ def test_capacity_a_full_counselor_gets_nothing_until_a_conversation_closes(make
     r = amina.read_offer(second["id"])
     assert r.status_code == 200, r.text
     assert amina.http.get("/api/agents/me").json()["active_conversations"] == 1
+
+
+# --------------------------------------------------------------------------- wake-ups, timers, one round
+
+
+@pytest.fixture
+def env_without_polling(database_url: str, rapidpro: FakeRapidPro, tmp_path: Path) -> Iterator[Callable[..., Env]]:
+    """Like ``make_env``, with a poll interval of an hour: nothing but wake-ups and timers can
+    drive the hunter during a test."""
+    made: list[Env] = []
+
+    def make(**site_opts: Any) -> Env:
+        path = tmp_path / f"sites-no-polling{len(made)}.toml"
+        path.write_text(sites_toml(rapidpro, **site_opts))
+        settings = Settings(database_url=database_url, sites=str(path), poll_interval_s=3600.0)
+        env = Env(LiveServer(settings, SiteRegistry.from_toml(path)).start(), rapidpro)
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.close()
+        env.server.stop()
+
+
+def offer_rows(env: Env, *ids: int) -> dict[int, tuple[str, float, float | None]]:
+    """The stored status, created_at and resolved_at of offers ``ids``."""
+
+    async def run() -> dict[int, tuple[str, float, float | None]]:
+        async with env.server.core.sessionmaker() as s:
+            rows = await s.execute(
+                select(Offer.id, Offer.status, Offer.created_at, Offer.resolved_at).where(Offer.id.in_(ids))
+            )
+            return {i: (st, c, r) for i, st, c, r in rows}
+
+    return env.server.call(run())
+
+
+def test_hunting_needs_no_polling_joins_wake_it_deadlines_and_retry_gaps_are_timers(
+    env_without_polling: Callable[..., Env],
+) -> None:
+    env = env_without_polling(offer_timeout_s=0.5, autopause=False, retry_gap_s=0.3)
+    bot = env.chatbot()
+    amina = env.counselor("amina", join=False)
+    assert bot.send("sess-wake", "hello").status_code == 201
+    assert_no_event(amina, "offer", within=0.2)  # not in the queue yet
+
+    assert amina.join_queue().status_code == 200  # a counselor joining wakes the hunter
+    first = wait_event(amina, "offer")["offer"]
+    # Her only offer lapses at its deadline (a timer, not a poll an hour later) and, once the retry
+    # gap has passed (another timer), she is offered it again: nobody else is there.
+    wait_event(amina, "offer_withdrawn", withdrawn(first["id"], "timed_out"), timeout=5)
+    second = wait_event(amina, "offer", lambda e: e["offer"]["id"] != first["id"], timeout=5)["offer"]
+    assert ts(second["created_at"]) >= ts(first["deadline"]) + 0.3 - 0.01
+
+    bob = env.counselor("bob")  # in line before amina, who let it lapse
+    third = wait_event(bob, "offer", for_session("sess-wake"), timeout=5)["offer"]
+    assert third["conversation"]["id"] == first["conversation"]["id"]
+    rows = offer_rows(env, second["id"], third["id"])
+    if rows[second["id"]][0] == "timed_out":  # (bob may have joined before it lapsed, or after)
+        assert rows[third["id"]][1] >= ts(second["deadline"]) - 1e-6
+
+
+def test_a_lapse_and_the_next_offer_are_one_transaction(make_env: Callable[..., Env]) -> None:
+    env = make_env(offer_timeout_s=0.5, autopause=True)
+    bot = env.chatbot()
+    pair = [env.counselor("amina"), env.counselor("bob")]
+    assert bot.send("sess-one-tx", "anyone?").status_code == 201
+
+    first_c, ev = wait_any(pair, "offer", for_session("sess-one-tx"))
+    first = ev["offer"]
+    second_c = other(pair, first_c)
+    second = wait_event(second_c, "offer", for_session("sess-one-tx"), timeout=5)["offer"]
+    rows = offer_rows(env, first["id"], second["id"])
+    status, _, lapsed_at = rows[first["id"]]
+    assert status == "timed_out" and lapsed_at is not None
+    assert lapsed_at >= ts(first["deadline"]) - 1e-6
+    # The lapse, the pause of the counselor who let it lapse and the next offer: one round, one
+    # transaction, one instant.
+    assert rows[second["id"]][1] == lapsed_at
+    assert ts(second["created_at"]) == pytest.approx(lapsed_at, abs=1e-5)
+    presence = wait_event(first_c, "presence", lambda e: e["presence"]["status"] == "paused")["presence"]
+    assert presence["reason"] == "no answer"
+    since = first_c.http.get("/api/agents/me").json()["presence"]["since"]
+    assert ts(since) == pytest.approx(lapsed_at, abs=1e-5)
 
 
 # --------------------------------------------------------------------------- read / decline

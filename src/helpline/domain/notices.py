@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Float, Integer, String, and_, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.delivery.outbox import contact_site, enqueue_event
@@ -48,36 +48,42 @@ def estimate_wait(waits: Sequence[float], default: float = DEFAULT_WAIT_S) -> in
     return round(statistics.median(waits)) if waits else round(default)
 
 
+# Statements run for every new conversation (in the chatbot's POST), built once and run with
+# parameters: building them costs more CPU than SQLite takes to run them.
+_SITE = bindparam("site", type_=String)
+_RECENT_WAITS = (
+    select(Conversation.assigned_at - Conversation.queued_at)
+    .where(Conversation.site == _SITE, Conversation.assigned_at.is_not(None))
+    .order_by(Conversation.assigned_at.desc())
+    .limit(bindparam("limit", type_=Integer))
+)
+_ID = bindparam("id", type_=String)
+_RANK = bindparam("rank", type_=Integer)
+_QUEUED_AT = bindparam("queued_at", type_=Float)
+_AHEAD = select(func.count()).where(
+    Conversation.site == _SITE,
+    Conversation.status.in_(WAITING),
+    Conversation.id != _ID,
+    or_(
+        Conversation.risk_rank > _RANK,
+        and_(
+            Conversation.risk_rank == _RANK,
+            or_(Conversation.queued_at < _QUEUED_AT, and_(Conversation.queued_at == _QUEUED_AT, Conversation.id < _ID)),
+        ),
+    ),
+)
+
+
 async def recent_waits(session: AsyncSession, site: str, limit: int = RECENT_WAITS) -> list[float]:
     """How long the site's last ``limit`` assigned conversations waited (queued -> read)."""
-    rows = await session.scalars(
-        select(Conversation.assigned_at - Conversation.queued_at)
-        .where(Conversation.site == site, Conversation.assigned_at.is_not(None))
-        .order_by(Conversation.assigned_at.desc())
-        .limit(limit)
-    )
+    rows = await session.scalars(_RECENT_WAITS, {"site": site, "limit": limit})
     return [max(0.0, float(w)) for w in rows if w is not None]
 
 
 async def position_of(session: AsyncSession, conv: Conversation) -> int:
     """1 + the waiting conversations of its site that come before it in the hunting order."""
-    ahead = await session.scalar(
-        select(func.count()).where(
-            Conversation.site == conv.site,
-            Conversation.status.in_(WAITING),
-            Conversation.id != conv.id,
-            or_(
-                Conversation.risk_rank > conv.risk_rank,
-                and_(
-                    Conversation.risk_rank == conv.risk_rank,
-                    or_(
-                        Conversation.queued_at < conv.queued_at,
-                        and_(Conversation.queued_at == conv.queued_at, Conversation.id < conv.id),
-                    ),
-                ),
-            ),
-        )
-    )
+    params = {"site": conv.site, "id": conv.id, "rank": conv.risk_rank, "queued_at": conv.queued_at}
+    ahead = await session.scalar(_AHEAD, params)
     return 1 + int(ahead or 0)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import bindparam, func, select
 
 from helpline import metrics
 from helpline.domain.core import Tx
@@ -12,8 +14,12 @@ from helpline.domain.views import offer_view
 from helpline.store.models import Conversation, Offer
 
 
-async def make_offer(tx: Tx, site: Site, conv: Conversation, counselor_id: int, t: float) -> Offer:
-    """Offer ``conv`` to a counselor, with a stored deadline, and push it to their console."""
+def add_offer(tx: Tx, site: Site, conv: Conversation, counselor_id: int, t: float) -> Offer:
+    """Offer ``conv`` (locked) to a counselor, with a stored deadline; no flush, no event yet.
+
+    The hunter adds a round's offers this way, flushes them together (one round trip, however
+    many offers) and then calls :func:`offers_made`.
+    """
     if conv.status != ConversationStatus.OFFERED:
         conv.status = move_conversation(conv.status, ConversationStatus.OFFERED)
     offer = Offer(
@@ -25,11 +31,29 @@ async def make_offer(tx: Tx, site: Site, conv: Conversation, counselor_id: int, 
         deadline=t + site.routing.offer_timeout_s,
     )
     tx.session.add(offer)
-    await tx.session.flush()
-    metrics.OFFERS_MADE.labels(site.slug).inc()
-    tx.notify(counselor_id, "offer", offer=offer_view(offer, conv))
-    tx.notify_site(site.slug, "queue_changed", conversation_id=conv.id)
     return offer
+
+
+def offers_made(tx: Tx, made: Iterable[tuple[Offer, Conversation]]) -> None:
+    """Push flushed offers to their counselors' consoles (once the transaction commits)."""
+    for offer, conv in made:
+        metrics.OFFERS_MADE.labels(offer.site).inc()
+        tx.notify(offer.counselor_id, "offer", offer=offer_view(offer, conv))
+        tx.notify_site(offer.site, "queue_changed", conversation_id=conv.id)
+
+
+async def make_offer(tx: Tx, site: Site, conv: Conversation, counselor_id: int, t: float) -> Offer:
+    """Offer ``conv`` to a counselor, with a stored deadline, and push it to their console."""
+    offer = add_offer(tx, site, conv, counselor_id, t)
+    await tx.session.flush()
+    offers_made(tx, [(offer, conv)])
+    return offer
+
+
+def _requeue(tx: Tx, conv: Conversation, *, wake: bool = True) -> None:
+    conv.status = move_conversation(conv.status, ConversationStatus.QUEUED)
+    tx.wake_hunter = tx.wake_hunter or wake
+    tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
 
 
 async def requeue_if_unoffered(tx: Tx, conversation_id: str) -> None:
@@ -41,9 +65,31 @@ async def requeue_if_unoffered(tx: Tx, conversation_id: str) -> None:
         select(func.count()).where(Offer.conversation_id == conversation_id, Offer.status == OfferStatus.PENDING)
     )
     if not pending:
-        conv.status = move_conversation(conv.status, ConversationStatus.QUEUED)
-        tx.wake_hunter = True
-        tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        _requeue(tx, conv)
+
+
+# Those of conversations ``:ids`` that still have a pending offer (built once: see routing.hunt).
+_STILL_OFFERED = (
+    select(Offer.conversation_id)
+    .where(Offer.conversation_id.in_(bindparam("ids", expanding=True)), Offer.status == OfferStatus.PENDING)
+    .distinct()
+)
+
+
+async def requeue_unoffered(tx: Tx, convs: Sequence[Conversation], *, wake: bool = True) -> list[Conversation]:
+    """:func:`requeue_if_unoffered` for several conversations (locked, loaded) in one query.
+
+    Returns those that went back to the queue. ``wake=False``: the caller (the hunter, after a
+    lapse) hunts them again in the same transaction, so nobody needs waking for them.
+    """
+    offered = {c.id: c for c in convs if c.status == ConversationStatus.OFFERED}
+    if not offered:
+        return []
+    still = set((await tx.session.scalars(_STILL_OFFERED, {"ids": list(offered)})).all())
+    back = [c for cid, c in offered.items() if cid not in still]
+    for conv in back:
+        _requeue(tx, conv, wake=wake)
+    return back
 
 
 async def lock_conversation_of(tx: Tx, offer_id: int) -> None:

@@ -12,7 +12,13 @@ class Candidate:
     counselor_id: int
     active: int  # conversations assigned plus offers pending
     last_assigned_at: float
-    last_offer_at: float
+    last_offer_at: float  # 0.0 unless the site's strategy is one of LAST_OFFER_STRATEGIES
+
+
+# The strategies whose order looks at ``last_offer_at``. Only for them does hunting look it up:
+# the latest of every offer each candidate was ever made, on every hunt. None of the built-in
+# strategies needs it; a new one that does names itself here.
+LAST_OFFER_STRATEGIES: frozenset[str] = frozenset()
 
 
 def ringall(cands: Sequence[Candidate]) -> list[Candidate]:
