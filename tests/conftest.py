@@ -165,14 +165,8 @@ def make_env(database_url: str, rapidpro: FakeRapidPro, tmp_path: Path) -> Itera
     def make(settings: dict[str, Any] | None = None, **site_opts: Any) -> Env:
         path = tmp_path / f"sites{len(envs)}.toml"
         path.write_text(sites_toml(rapidpro, **site_opts))
-        s = Settings(
-            database_url=database_url,
-            sites=str(path),
-            poll_interval_s=0.5,
-            outbox_backoff_base_s=0.05,
-            outbox_backoff_cap_s=0.5,
-            **(settings or {}),
-        )
+        defaults: dict[str, Any] = {"poll_interval_s": 0.5, "outbox_backoff_base_s": 0.05, "outbox_backoff_cap_s": 0.5}
+        s = Settings(database_url=database_url, sites=str(path), **{**defaults, **(settings or {})})
         server = LiveServer(s, SiteRegistry.from_toml(path)).start()
         env = Env(server, rapidpro)
         envs.append(env)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 
 import structlog
 
@@ -23,13 +24,29 @@ class WalCheckpointer:
         self.path = path
         self.interval_s = interval_s
         self._conn: sqlite3.Connection | None = None
+        # The connection is used on worker threads and closed when the task stops, possibly while
+        # a checkpoint is still running on its thread (cancelling the await does not stop it).
+        self._lock = threading.Lock()
+        self._closed = False
 
     def checkpoint(self) -> tuple[int, int, int]:
         """One passive checkpoint: (busy, frames in the WAL, frames checkpointed)."""
-        if self._conn is None:
-            self._conn = sqlite3.connect(self.path, timeout=5, check_same_thread=False, isolation_level=None)
-        row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(row[0]), int(row[1]), int(row[2])
+        with self._lock:
+            if self._closed:
+                return 0, 0, 0
+            if self._conn is None:
+                self._conn = sqlite3.connect(self.path, timeout=5, check_same_thread=False, isolation_level=None)
+            row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(row[0]), int(row[1]), int(row[2])
+
+    def close(self) -> None:
+        """Close the connection, after the checkpoint running on a thread (if any) has finished."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
 
     async def run(self) -> None:
         try:
@@ -40,7 +57,4 @@ class WalCheckpointer:
                 except sqlite3.Error as exc:  # e.g. the file is busy or gone: try again next time
                     log.warning("wal_checkpoint_failed", error=type(exc).__name__)
         finally:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.close()
-                self._conn = None
+            self.close()
