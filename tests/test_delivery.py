@@ -3,23 +3,34 @@ WebSocket said, what the chatbot reads back. Real HTTP and WebSocket on loopback
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import itertools
 import json
+import re
+import shutil
+import ssl
+import subprocess
 import textwrap
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import event, select
 
-from conftest import Env
+from conftest import Env, eventually
+from helpline.delivery.rapidpro import Transport, build_flow_start, http_client
 from helpline.domain import auth
 from helpline.store.models import Message, OutboxEvent
 from helpline.testing.fake_chatbot import FakeChatbot
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro, ReceivedStart
+from helpline.testing.live import free_socket
 
 Event = dict[str, Any]
 Params = dict[str, Any]
@@ -559,3 +570,333 @@ def test_the_outbox_row_is_written_with_the_message(env: Env) -> None:
 
     assert "after close" not in env.server.call(texts())
     assert not [r for r in outbox_rows(env) if "after close" in r.payload]
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def enqueue(env: Env, events: list[tuple[str, str]]) -> list[bytes]:
+    """Outbox rows written straight through the store, in this order, in one transaction, as
+    ``enqueue_event`` writes them: ``(conversation, label)`` each, the label in ``message_id``.
+    Returns the stored payloads, as bytes."""
+    site = env.server.core.site("ke")
+    payloads = [
+        json.dumps(
+            build_flow_start(
+                site.rapidpro, {"urns": ["telegram:1"]}, {"event": "queued", "conversation_id": c, "message_id": m}
+            ),
+            ensure_ascii=False,
+        )
+        for c, m in events
+    ]
+
+    async def go() -> None:
+        async with env.server.core.tx() as tx:
+            t = time.time()
+            for (conv, _), payload in zip(events, payloads, strict=True):
+                tx.session.add(
+                    OutboxEvent(
+                        conversation_id=conv,
+                        site="ke",
+                        target="rapidpro",
+                        event="queued",
+                        message_ref=None,
+                        payload=payload,
+                        status="pending",
+                        attempts=0,
+                        next_attempt_at=t,
+                        claimed_until=0.0,
+                        created_at=t,
+                    )
+                )
+            tx.wake_outbox = True
+
+    env.server.call(go())
+    return [p.encode() for p in payloads]
+
+
+def label(start: ReceivedStart) -> str:
+    return str(params(start)["message_id"])
+
+
+def of_conv(starts: list[ReceivedStart], conv: str) -> list[ReceivedStart]:
+    return [s for s in starts if params(s).get("conversation_id") == conv]
+
+
+def most_at_once(starts: list[ReceivedStart]) -> int:
+    """The most requests the fake was handling at the same time (arrival to answer)."""
+    edges = sorted([(s.at, 1) for s in starts] + [(s.answered_at, -1) for s in starts])
+    most = current = 0
+    for _, step in edges:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def assert_one_at_a_time_in_order(starts: list[ReceivedStart], conv: str, labels: list[str]) -> None:
+    """A conversation's requests never overlap; each label is accepted once, in order, and none is
+    tried before the previous label got its 201."""
+    mine = of_conv(starts, conv)
+    for before, after in itertools.pairwise(mine):
+        assert after.at >= before.answered_at, f"{conv}: {label(after)} sent before {label(before)} was answered"
+    assert [label(s) for s in mine if s.accepted] == labels
+    for before, after in itertools.pairwise(mine):
+        if label(after) != label(before):
+            assert before.accepted, f"{conv}: {label(after)} tried before {label(before)} was accepted"
+
+
+def test_sends_are_pipelined_with_at_most_outbox_concurrency_in_flight(
+    make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env(settings={"outbox_concurrency": 4})
+    # A long poll: a worker that waited for it between batches would take 5 s per batch.
+    monkeypatch.setattr(env.server.core.settings, "poll_interval_s", 5.0)
+    time.sleep(0.6)  # the poll armed at start-up (0.5 s) has gone by
+    env.rapidpro.set_delay(0.1)
+    convs = [f"pipe-{i}" for i in range(12)]
+    events = [(c, f"{c}-{k}") for k in range(3) for c in convs]  # interleaved, like a busy helpline
+    started = time.monotonic()
+    payloads = enqueue(env, events)
+
+    starts = env.rapidpro.wait_for(len(events), timeout=15)
+    took = time.monotonic() - started
+    assert len(env.rapidpro.received) == len(events)
+    assert most_at_once(starts) == 4  # bounded by outbox_concurrency, and all of it used
+    # 36 answers of 100 ms, 4 at a time: ~0.9 s, the next claims going out as the previous return.
+    assert took < 4.0, f"{len(events)} events took {took:.1f}s"
+    for c in convs:
+        assert_one_at_a_time_in_order(starts, c, [f"{c}-{k}" for k in range(3)])
+    # The stored JSON goes out as it is: the very bytes written with the event.
+    sent = {label(s): s.raw for s in starts}
+    assert [sent[m] for _, m in events] == payloads
+
+
+def test_order_is_kept_under_concurrency_and_failures(make_env: Callable[..., Env]) -> None:
+    env = make_env(settings={"outbox_concurrency": 16})
+    env.rapidpro.set_delay(0.01)
+    convs = [f"mix-{i}" for i in range(10)]
+    events = [(c, f"{c}-{k}") for k in range(5) for c in convs]
+    env.rapidpro.fail_next(6, 503)
+    env.rapidpro.fail_next(3, 500)
+    enqueue(env, events)
+
+    env.rapidpro.wait_for(len(events), timeout=20)
+    received = env.rapidpro.received
+    assert len(received) == len(events) + 9  # each failure retried once: nothing more, nothing less
+    for c in convs:
+        assert_one_at_a_time_in_order(received, c, [f"{c}-{k}" for k in range(5)])
+    accepted = [label(s) for s in env.rapidpro.accepted]
+    assert len(accepted) == len(set(accepted)) == len(events)
+
+    def recorded() -> None:
+        rows = outbox_rows(env)
+        assert {r.status for r in rows} == {"sent"} and sum(r.attempts for r in rows) == len(events) + 9
+
+    eventually(recorded)
+
+
+def test_backoff_is_cut_short_when_rapidpro_answers_again(env: Env) -> None:
+    rp = env.rapidpro
+    # A throttled head: RapidPro works and asked for 3 s; that wish is kept.
+    rp.fail_next(1, 429, retry_after=3)
+    enqueue(env, [("slow", "slow-0")])
+    throttled_at = rp.wait_for(1, accepted_only=False)[0].answered_at
+    # Three heads answered 503 with Retry-After: 30 (RapidPro restarting behind its proxy, say).
+    rp.fail_next(3, 503, retry_after=30)
+    enqueue(env, [(c, f"{c}-{k}") for k in range(2) for c in ("a", "b", "c")])
+    rp.wait_for(4, accepted_only=False)
+
+    def backed_off() -> None:
+        rows = [r for r in outbox_rows(env, status="pending") if r.attempts and r.conversation_id != "slow"]
+        assert len(rows) == 3 and all(r.next_attempt_at > time.time() + 20 for r in rows)
+
+    eventually(backed_off)
+    # A new conversation's event goes out at once and gets its 201: RapidPro is back.
+    enqueue(env, [("d", "d-0")])
+    back = rp.wait_for(lambda rs: any(label(s) == "d-0" for s in rs))
+    back_at = next(s for s in back if label(s) == "d-0").answered_at
+
+    starts = rp.wait_for(8, timeout=10)  # d-0, a/b/c x 2, slow-0: not 30 s later
+    for c in ("a", "b", "c"):
+        assert_one_at_a_time_in_order(rp.received, c, [f"{c}-0", f"{c}-1"])
+        retry = next(s for s in of_conv(starts, c) if label(s) == f"{c}-0")
+        assert back_at <= retry.at < back_at + 2.0, f"{c}-0 retried {retry.at - back_at:.2f}s after RapidPro's return"
+    slow = [s for s in of_conv(rp.received, "slow")]
+    assert [s.status for s in slow] == [429, 201]
+    assert slow[1].at - throttled_at >= 2.95, "the 429's Retry-After was cut short"
+
+
+# --------------------------------------------------------------------------- the HTTP transport
+
+
+Answer = Callable[[int, bytes], bytes | None]  # (request number, request) -> bytes to send, None: hang up
+
+
+class ScriptedServer:
+    """A raw HTTP/1.1 server on loopback answering each request with ``answer``'s bytes."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.tls: ssl.SSLContext | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/api/v2/flow_starts.json"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                data = self.answer(len(self.requests), request)
+                if data is None:
+                    break
+                writer.write(data)
+                await writer.drain()
+                if (
+                    any(m in data.lower() for m in (b"connection: close", b"x-then: hang-up"))
+                    or data[:8] == b"HTTP/1.0"
+                ):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def ok(body: bytes = b'{"uuid":"x"}', *extra: bytes) -> bytes:
+    return b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
+        len(body),
+        b"".join(h + b"\r\n" for h in extra),
+        body,
+    )
+
+
+async def post(
+    client: httpx.AsyncClient, url: str, body: bytes = b'{"a":1}', read_timeout: float = 5.0
+) -> httpx.Response:
+    return await client.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=read_timeout)
+
+
+def test_the_transport_keeps_connections_alive_and_bounded() -> None:
+    chunked = b'HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n:1}\r\n0\r\n\r\n'
+
+    async def go() -> None:
+        server = ScriptedServer(lambda n, _: chunked if n % 2 else ok())
+        async with server as url, http_client(max_connections=2) as client:
+            answers = await asyncio.gather(*(post(client, url, b'{"n":%d}' % i) for i in range(10)))
+            assert [r.status_code for r in answers] == [201] * 10
+            assert {r.content for r in answers} == {b'{"a":1}', b'{"uuid":"x"}'}
+            assert server.connections == 2  # 10 requests, never more than 2 connections
+            assert sorted(r.split(b"\r\n\r\n")[1] for r in server.requests) == sorted(
+                b'{"n":%d}' % i for i in range(10)
+            )
+            head = server.requests[0].decode().lower()
+            assert head.startswith("post /api/v2/flow_starts.json http/1.1\r\nhost: 127.0.0.1:")
+            assert "\r\ncontent-length: 7\r\n" in head and "transfer-encoding" not in head
+
+    asyncio.run(go())
+
+
+def test_the_transport_replaces_connections_the_peer_closed() -> None:
+    async def go() -> None:
+        answers: dict[int, bytes | None] = {
+            1: ok(b"one", b"connection: close"),  # closed after this answer
+            2: b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil close",  # no length: ends at EOF
+            3: ok(b"three", b"x-then: hang-up"),  # kept alive, then dropped by the server while idle
+        }
+        server = ScriptedServer(lambda n, _: answers.get(n, ok(b"later")))
+        async with server as url, http_client() as client:
+            assert (await post(client, url)).content == b"one"
+            r = await post(client, url)
+            assert (r.status_code, r.content) == (200, b"until close")
+            assert (await post(client, url)).content == b"three"
+            await asyncio.sleep(0.05)
+            assert (await post(client, url)).content == b"later"  # on a new connection, no error
+            assert (await post(client, url)).content == b"later"  # and that one is kept
+            assert server.connections == 4
+
+    asyncio.run(go())
+
+
+def test_the_transport_turns_peer_faults_into_httpx_errors() -> None:
+    async def go() -> None:
+        script: dict[int, bytes | None] = {
+            1: b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"after 100"),  # an interim answer, then the real one
+            2: b"this is not HTTP\r\n\r\n",
+            3: None,  # hangs up without answering
+            4: b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\nx-then: hang-up\r\n\r\ncut",  # hangs up mid-body
+        }
+        server = ScriptedServer(lambda n, _: script.get(n, ok()))
+        async with server as url, http_client() as client:
+            assert (await post(client, url)).content == b"after 100"
+            with pytest.raises(httpx.RemoteProtocolError):  # not HTTP
+                await post(client, url)
+            with pytest.raises(httpx.RemoteProtocolError):  # no answer at all
+                await post(client, url)
+            with pytest.raises(httpx.ReadError):  # a body cut short
+                await post(client, url)
+            assert (await post(client, url)).status_code == 201  # and the pool is still usable
+            server.answer = lambda n, _: ok(b"asked") + ok(b"never asked")  # one answer too many
+            assert (await post(client, url)).content == b"asked"
+            before = server.connections
+            assert (await post(client, url)).content == b"asked"
+            assert server.connections == before + 1  # that connection was not trusted again
+
+        slow = ScriptedServer(lambda n, _: b"" if n == 1 else ok())  # never answers the first
+        async with slow as url, http_client() as client:
+            began = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):
+                await post(client, url, read_timeout=0.3)
+            assert 0.25 < time.monotonic() - began < 2
+            assert (await post(client, url)).status_code == 201
+
+        closed = free_socket()
+        port = closed.getsockname()[1]
+        closed.close()
+        async with http_client() as client:
+            with pytest.raises(httpx.ConnectError):
+                await post(client, f"http://127.0.0.1:{port}/x")
+
+    asyncio.run(go())
+
+
+def test_the_transport_speaks_tls_and_checks_the_certificate(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    make += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(make, check=True, capture_output=True)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    gzipped = gzip.compress(b'{"uuid":"tls"}')
+
+    async def go() -> None:
+        server = ScriptedServer(lambda n, _: ok(gzipped, b"content-encoding: gzip"))
+        server.tls = served
+        async with server as url:
+            url = url.replace("http://", "https://")
+            trusting = ssl.create_default_context(cafile=str(cert))
+            limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
+            async with httpx.AsyncClient(transport=Transport(verify=trusting, limits=limits)) as client:
+                r = await post(client, url)
+                assert (r.status_code, r.json()) == (201, {"uuid": "tls"})  # decrypted, then gunzipped
+                assert (await post(client, url)).status_code == 201
+            assert server.connections == 1
+            async with http_client() as client:  # the system's CAs: the self-signed certificate is refused
+                with pytest.raises(httpx.ConnectError):
+                    await post(client, url)
+
+    asyncio.run(go())

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     signature_tolerance_s: float = Field(300.0, gt=0)
 
     # Outbox delivery.
-    outbox_concurrency: int = Field(32, gt=0)
+    # Events in flight at once (claimed, sent, not yet recorded), each of another conversation; the
+    # default RapidPro/Weni clients keep up to 256 connections per peer.
+    outbox_concurrency: int = Field(128, gt=0)
     outbox_backoff_base_s: float = Field(0.5, gt=0)
     outbox_backoff_cap_s: float = Field(60.0, gt=0)
     outbox_max_attempts: int = Field(0, ge=0)  # 0: retry retryable failures for ever

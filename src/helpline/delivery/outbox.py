@@ -1,19 +1,27 @@
 """The durable outbox: events owed to RapidPro (or Weni), written in the caller's transaction, sent in order.
 
 A conversation's events go out one at a time, oldest first: the next is only tried after the
-previous one got its 201 (or was dead-lettered). Different conversations go out concurrently.
+previous one got its 201 (or was dead-lettered). Different conversations go out concurrently, up to
+``outbox_concurrency`` events in flight (see :class:`OutboxWorker`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import heapq
 import json
 import random
 import re
-from collections.abc import Sequence
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Table, bindparam, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Subquery
 
 from helpline import metrics
@@ -122,174 +130,483 @@ def enqueue_webhook(tx: Tx, conv: Conversation, event: str, hook: Webhook, *, me
     tx.wake_outbox = True
 
 
+_OUTBOX: Table = OutboxEvent.__table__  # type: ignore[assignment]
+_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+
+
 def _heads() -> Subquery:
     """The oldest pending event of each conversation: the only one of its queue that may go.
-    One pass over the (status, conversation_id, id) index, whatever the backlog."""
+    One pass over the (status, conversation_id, id) index."""
     return (
-        select(func.min(OutboxEvent.id).label("id"))
-        .where(OutboxEvent.status == "pending")
-        .group_by(OutboxEvent.conversation_id)
+        select(func.min(_OUTBOX.c.id).label("id"))
+        .where(_OUTBOX.c.status == "pending")
+        .group_by(_OUTBOX.c.conversation_id)
         .subquery()
     )
 
 
+_RETRY_STEP_S = 0.1  # after a failed turn (the store failed), before the next
+
+Peer = tuple[str, str]
+"""Who an event goes to: ``("rapidpro", origin of the site's base_url)`` or ``("weni", site)``."""
+
+
+@dataclass(slots=True)
+class _Claimed:
+    """One claimed head, as sent: its row's columns at claim time (the claim's lease keeps them)."""
+
+    id: int
+    conversation_id: str
+    site: str
+    target: str
+    event: str
+    message_ref: int | None
+    payload: str
+    attempts: int
+
+
+@dataclass(slots=True)
+class _Done:
+    """What to write for one attempt: the outcome (after ``outbox_max_attempts``), the new attempt
+    count and, for a retry, when the next attempt may be made."""
+
+    ev: _Claimed
+    outcome: Outcome
+    attempts: int
+    next_attempt_at: float | None = None
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
 class OutboxWorker:
-    """Claims due heads of conversations' queues and sends them; retries with backoff."""
+    """Sends the heads of the conversations' queues, many at once; retries with backoff.
+
+    A pipeline: up to ``outbox_concurrency`` events are in flight (claimed, sent, not yet recorded),
+    at most one per conversation, which keeps each conversation's order. Whenever sends have finished,
+    one transaction records their outcomes *and* claims the next heads: the conversations whose event
+    just went join the back of the line of those known to be waiting (round robin: no conversation
+    waits for another's whole queue), and each claimed conversation's head is found with one index
+    seek, not a scan of the backlog.
+    A scan of all heads (one ``min(id) ... GROUP BY conversation_id``) runs only when woken (new
+    events), on ``poll_interval_s``, and never takes more than ~10 % of the time. Heads that got a
+    retry are remembered with their due time and come back on their own.
+
+    When a peer that failed answers 2xx again, the backed-off heads of that peer are made due at
+    once (but not those a 429 asked to wait): the drain starts as soon as one event gets through
+    instead of waiting for each head's backoff (up to ``outbox_backoff_cap_s``).
+
+    Claims are leases (``claimed_until``), taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: any
+    number of instances share the work; an instance that dies leaves its claims to run out.
+    """
 
     def __init__(self, core: Core, client: RapidProClient | None = None, weni: WeniClient | None = None) -> None:
         self.core = core
         self.client = client or RapidProClient()
         self.weni = weni or WeniClient()
         self._rng = random.Random()
+        self._kick = asyncio.Event()  # a send finished, or the outbox was woken
+        self._results: list[tuple[_Claimed, Outcome]] = []
+        self._unrecorded: list[_Done] = []  # outcomes whose transaction failed: written at the next turn
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0  # claimed here and not yet recorded
+        self._busy: set[str] = set()  # their conversations
+        # Conversations whose head may be due, in turn order, each with the id of one of its events
+        # (the claim finds the head from it through the index, see _claim).
+        self._runnable: dict[str, int] = {}
+        self._due: dict[str, tuple[float, int]] = {}  # conversation -> when its head's backoff (or lease) ends
+        self._timers: list[tuple[float, str]] = []  # heap over _due (stale entries skipped)
+        self._want_scan = True
+        self._next_scan_at = 0.0  # monotonic: the scan's throttle
+        self._next_poll = 0.0  # monotonic
+        self._failing: set[Peer] = set()  # peers whose last answer here asked for a retry
+        self._reached: set[Peer] = set()  # peers that answered 2xx since this worker started
+        self._failed_steps = 0  # in a row: the store is failing
+
+    # ------------------------------------------------------------------ loop
 
     async def run(self) -> None:
-        s = self.core.settings
-        while True:
-            # Cleared before looking, so a wake-up that comes while we look is not lost.
-            self.core.outbox_wakeup.clear()
-            try:
-                batch = await self._claim(s.outbox_concurrency)
-            except Exception:
-                log.exception("outbox claim failed")
-                batch = []
-            if batch:
-                outcomes = await asyncio.gather(*(self._send(e) for e in batch))
+        forward = asyncio.create_task(self._forward_wakeups(), name="outbox-wakeups")
+        try:
+            while True:
                 try:
-                    await self._record(list(zip(batch, outcomes, strict=True)))
+                    busy = await self._step()
                 except Exception:
-                    # The leases run out and the events are tried again: at least once, never lost.
-                    log.exception("outbox record failed", outbox_ids=[e.id for e in batch])
-                continue
-            wait = min(s.poll_interval_s, await self._until_next_due())
-            try:
-                await asyncio.wait_for(self.core.outbox_wakeup.wait(), timeout=max(0.0, wait))
-            except TimeoutError:
-                pass
+                    log.exception("outbox step failed")
+                    self._want_scan = True
+                    self._failed_steps += 1
+                    # The store is failing: try again soon, then less and less often (outcomes are kept).
+                    pause = _RETRY_STEP_S * 2 ** min(self._failed_steps - 1, 10)
+                    await asyncio.sleep(min(self.core.settings.poll_interval_s, pause))
+                    continue
+                self._failed_steps = 0
+                if not busy:
+                    await self._idle()
+        finally:
+            forward.cancel()
+            tasks = [forward, *self._tasks]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _until_next_due(self) -> float:
-        """Seconds until a head of a conversation's queue may be claimed. Only heads count: the
-        events behind a head in backoff (or in flight) are "due" but cannot go, and waiting for
-        them would spin this loop for as long as RapidPro is down."""
+    async def _forward_wakeups(self) -> None:
+        """``core.outbox_wakeup`` (new events, a replay, another instance): look at the store again."""
+        wakeup = self.core.outbox_wakeup
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            self._want_scan = True
+            self._kick.set()
+
+    async def _idle(self) -> None:
+        """Wait for a send to finish, a wake-up, the next head's due time or the poll."""
+        s = self.core.settings
+        if self._in_flight >= s.outbox_concurrency:
+            timeout = s.poll_interval_s  # nothing can be claimed before a send finishes
+        else:
+            t = time.monotonic()
+            until = self._next_poll
+            if self._timers:
+                until = min(until, self._timers[0][0] - now() + t)
+            if self._want_scan:
+                until = min(until, self._next_scan_at)
+            timeout = min(s.poll_interval_s, max(0.0, until - t))
+        if not self._kick.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
+
+    async def _step(self) -> bool:
+        """Record what finished, claim what may go now, start sending it. False: nothing to do."""
+        self._kick.clear()
+        s = self.core.settings
+        t = now()
+        mono = time.monotonic()
+        results, self._results = self._results, []
+        free = s.outbox_concurrency - self._in_flight + len(results)
+        if mono >= self._next_poll:
+            self._want_scan = True
+        if self._want_scan and free > 0 and mono >= self._next_scan_at:
+            await self._scan()  # before the results leave _busy: their rows are still claimed
+        # Finished: out of flight now. Their rows stay claimed until recorded below (or, should that
+        # fail, until their lease runs out and they are tried again: at least once).
+        self._in_flight -= len(results)
+        self._busy.difference_update(ev.conversation_id for ev, _ in results)
+        done = self._unrecorded + [self._plan(ev, outcome, t) for ev, outcome in results]
+        self._unrecorded = []
+        self._fire_timers(t)
+        candidates: dict[str, int] = {}
+        while self._runnable and len(candidates) < free:
+            conv = next(iter(self._runnable))
+            ref = self._runnable.pop(conv)
+            if conv not in self._busy:
+                candidates[conv] = ref
+        if not done and not candidates:
+            return False
+        recovered = {self._peer(d.ev) for d in done if d.outcome.kind == "sent"}
+        recovered = {p for p in recovered if p in self._failing or p not in self._reached}
+        try:
+            claimed, resumed = await self._cycle(done, candidates, recovered)
+        except Exception:
+            # The store failed (SQLite busy, PostgreSQL restarting): the outcomes are kept and written
+            # at the next turn (their rows stay claimed meanwhile); the candidates wait their turn.
+            self._unrecorded = done
+            for conv, ref in candidates.items():
+                self._runnable.setdefault(conv, ref)
+            raise
+        self._failing -= recovered
+        self._reached |= recovered
+        for conv, ref in resumed:
+            self._runnable.setdefault(conv, ref)
+        for ev in claimed:
+            self._start(ev)
+        return True
+
+    def _plan(self, ev: _Claimed, outcome: Outcome, t: float) -> _Done:
+        """What to write for one attempt; a conversation whose event went is next in line again."""
+        s = self.core.settings
+        attempts = ev.attempts + 1
+        if outcome.kind == "retry" and s.outbox_max_attempts and attempts >= s.outbox_max_attempts:
+            outcome = Outcome("dead", f"gave up after {attempts} attempts: {outcome.reason}")
+        if outcome.kind != "retry":
+            self._runnable.setdefault(ev.conversation_id, ev.id)
+            return _Done(ev, outcome, attempts)
+        delay = backoff_delay(
+            attempts,
+            base=s.outbox_backoff_base_s,
+            cap=s.outbox_backoff_cap_s,
+            retry_after=outcome.retry_after,
+            rng=self._rng,
+        )
+        if outcome.status != 429:  # a 429 is a peer that works and asks us to slow down
+            self._failing.add(self._peer(ev))
+        self._set_timer(ev.conversation_id, t + delay, ev.id)
+        return _Done(ev, outcome, attempts, t + delay)
+
+    def _start(self, ev: _Claimed) -> None:
+        self._in_flight += 1
+        self._busy.add(ev.conversation_id)
+        task = asyncio.create_task(self._deliver(ev))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, ev: _Claimed) -> None:
+        try:
+            outcome = await self._send(ev)
+        except Exception as exc:  # a bug here, not the peer's answer: try again later
+            log.exception("outbox send failed", outbox_id=ev.id)
+            outcome = Outcome("retry", f"internal error: {type(exc).__name__}")
+        self._results.append((ev, outcome))
+        self._kick.set()
+
+    async def _send(self, ev: _Claimed) -> Outcome:
+        if ev.target == "weni":
+            return await self.weni.deliver(self.core.settings, ev.payload)
+        site = self.core.sites.get(ev.site)
+        if site is None:
+            return Outcome("dead", f"site {ev.site!r} is no longer configured")
+        return await self.client.send(site.rapidpro, ev.payload)  # the stored JSON text, as it is
+
+    # ------------------------------------------------------------------ timers and peers
+
+    def _set_timer(self, conv: str, when: float, ref: int) -> None:
+        due = self._due.get(conv)
+        if due is None or due[0] != when:
+            heapq.heappush(self._timers, (when, conv))
+        self._due[conv] = (when, ref)
+
+    def _fire_timers(self, t: float) -> None:
+        while self._timers and self._timers[0][0] <= t:
+            when, conv = heapq.heappop(self._timers)
+            due = self._due.get(conv)
+            if due is not None and due[0] == when:
+                del self._due[conv]
+                self._runnable.setdefault(conv, due[1])
+
+    def _peer(self, ev: _Claimed) -> Peer:
+        if ev.target == "rapidpro":
+            site = self.core.sites.get(ev.site)
+            if site is not None:
+                return ("rapidpro", _origin(site.rapidpro.base_url))
+        return (ev.target, ev.site)
+
+    def _peer_sites(self, peer: Peer) -> list[str]:
+        target, key = peer
+        if target == "rapidpro":
+            return [site.slug for site in self.core.sites if _origin(site.rapidpro.base_url) == key]
+        return [key]
+
+    # ------------------------------------------------------------------ store
+
+    async def _scan(self) -> None:
+        """All heads: the due ones join the line, the others get a timer. Read-only, no lock."""
+        started = time.monotonic()
+        t = now()
         heads = _heads()
-        due_at = case(
-            (OutboxEvent.claimed_until > OutboxEvent.next_attempt_at, OutboxEvent.claimed_until),
-            else_=OutboxEvent.next_attempt_at,
+        q = (
+            select(_OUTBOX.c.conversation_id, _OUTBOX.c.id, _OUTBOX.c.next_attempt_at, _OUTBOX.c.claimed_until)
+            .select_from(_OUTBOX.join(heads, heads.c.id == _OUTBOX.c.id))
+            .order_by(_OUTBOX.c.id)
         )
         try:
             async with self.core.sessionmaker() as session:
-                nxt = await session.scalar(select(func.min(due_at)).join(heads, heads.c.id == OutboxEvent.id))
+                rows = (await session.execute(q)).all()
         except Exception:
-            return self.core.settings.poll_interval_s
-        return self.core.settings.poll_interval_s if nxt is None else nxt - now()
+            log.exception("outbox scan failed")
+            rows = []
+        for conv, head, next_attempt_at, claimed_until in rows:
+            if conv in self._busy:
+                continue
+            if claimed_until >= t:  # another instance has it: look again when its lease runs out
+                self._set_timer(conv, claimed_until, head)
+            elif next_attempt_at > t:
+                self._set_timer(conv, next_attempt_at, head)
+            else:
+                self._runnable.setdefault(conv, head)
+        finished = time.monotonic()
+        self._want_scan = False
+        self._next_scan_at = finished + 9 * (finished - started)
+        self._next_poll = finished + self.core.settings.poll_interval_s
 
-    async def _claim(self, limit: int) -> Sequence[OutboxEvent]:
+    async def _cycle(
+        self, done: list[_Done], candidates: dict[str, int], recovered: set[Peer]
+    ) -> tuple[list[_Claimed], list[tuple[str, int]]]:
+        """One transaction: the outcomes, the backoffs cut short, the next claims."""
         t = now()
-        heads = _heads()
         async with self.core.tx() as tx:
+            if done:
+                await self._record(tx, done, t)
+            resumed: list[tuple[str, int]] = []
+            for peer in recovered:
+                resumed += await self._cut_short(tx.session, peer, t)
+            claimed = await self._claim(tx.session, candidates, t)
+        return claimed, resumed
+
+    async def _claim(self, session: AsyncSession, candidates: dict[str, int], t: float) -> list[_Claimed]:
+        """Lease the due, unclaimed heads of these conversations (each given by one of its events).
+
+        From the given events to their conversations' heads: per conversation one ``min(id)`` seek
+        in ix_outbox_heads, whatever its backlog (a ``GROUP BY conversation_id`` would read every
+        pending event of every candidate: 16 ms for 128 conversations of 100 on PostgreSQL)."""
+        if not candidates:
+            return []
+        o = _OUTBOX.c
+        given, other = _OUTBOX.alias("given"), _OUTBOX.alias("other")
+        head = (
+            select(func.min(other.c.id))
+            .where(other.c.status == "pending", other.c.conversation_id == given.c.conversation_id)
+            .scalar_subquery()
+        )
+        heads = select(head).where(given.c.id.in_(list(candidates.values())))
+        rows = (
+            await session.execute(
+                select(o.id, o.conversation_id, o.site, o.target, o.event, o.message_ref, o.payload, o.attempts)
+                # ``status`` again: on PostgreSQL a head another instance has just sent is re-checked
+                # here once its lock is released (the subquery saw it still pending). ``|| ''`` keeps
+                # SQLite on the primary key (see _record).
+                .where(o.id.in_(heads), o.status.concat("") == "pending", o.next_attempt_at <= t, o.claimed_until < t)
+                .with_for_update(skip_locked=True, of=_OUTBOX)
+            )
+        ).all()
+        if not rows:
+            return []
+        lease = t + self.core.settings.outbox_lease_s
+        await session.execute(update(_OUTBOX).where(o.id.in_([r.id for r in rows])).values(claimed_until=lease))
+        order = {conv: i for i, conv in enumerate(candidates)}
+        claimed = [_Claimed(*r) for r in rows]
+        claimed.sort(key=lambda c: order.get(c.conversation_id, len(order)))
+        return claimed
+
+    async def _cut_short(self, session: AsyncSession, peer: Peer, t: float) -> list[tuple[str, int]]:
+        """The peer answers again: its backed-off heads are due now (except those a 429 delayed)."""
+        o = _OUTBOX.c
+        rows = (
+            await session.execute(
+                update(_OUTBOX)
+                .where(
+                    o.status == "pending",
+                    o.next_attempt_at > t,
+                    o.claimed_until < t,
+                    o.target == peer[0],
+                    o.site.in_(self._peer_sites(peer)),
+                    or_(o.last_error.is_(None), o.last_error.not_like("HTTP 429%")),
+                )
+                .values(next_attempt_at=t)
+                .returning(o.conversation_id, o.id)
+            )
+        ).all()
+        if rows:
+            log.info("outbox peer reachable again", peer=peer[1], resumed=len(rows))
+        return [(r.conversation_id, r.id) for r in rows]
+
+    async def _record(self, tx: Tx, done: list[_Done], t: float) -> None:
+        """The outcomes of a batch: a few statements, whatever its size."""
+        o = _OUTBOX.c
+        session = tx.session
+        sent_ids = [d.ev.id for d in done if d.outcome.kind == "sent"]
+        sent_refs: list[int] = []
+        if sent_ids:
             rows = (
-                await tx.session.scalars(
-                    select(OutboxEvent)
-                    .join(heads, heads.c.id == OutboxEvent.id)
-                    .where(OutboxEvent.next_attempt_at <= t, OutboxEvent.claimed_until < t)
-                    .order_by(OutboxEvent.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True, of=OutboxEvent)
+                await session.execute(
+                    update(_OUTBOX)
+                    # ``status || ''``: by the primary key. On ``status = ?`` with an id list SQLite's
+                    # planner picks ix_outbox_due (status, ...) and walks every pending row instead
+                    # (90 µs per event at 100,000 pending, against 24 µs).
+                    .where(o.id.in_(sent_ids), o.status.concat("") == "pending")
+                    .values(status="sent", sent_at=t, attempts=o.attempts + 1, claimed_until=0.0, last_error=None)
+                    .returning(o.site, o.event, o.message_ref)
                 )
             ).all()
-            for r in rows:
-                r.claimed_until = t + self.core.settings.outbox_lease_s
-            return rows
-
-    async def _send(self, ev: OutboxEvent) -> Outcome:
-        site = self.core.sites.get(ev.site)
-        if ev.target == "weni":
-            return await self.weni.deliver(self.core.settings, ev.payload)
-        if site is None:
-            return Outcome("dead", f"site {ev.site!r} is no longer configured")
-        return await self.client.send(site.rapidpro, json.loads(ev.payload))
-
-    async def _record(self, results: list[tuple[OutboxEvent, Outcome]]) -> None:
-        """The outcomes of one batch, in one transaction."""
-        async with self.core.tx() as tx:
-            for ev, outcome in results:
-                await self._record_one(tx, ev, outcome)
-
-    async def _record_one(self, tx: Tx, ev: OutboxEvent, outcome: Outcome) -> None:
-        s = self.core.settings
-        t = now()
-        row = await tx.session.get(OutboxEvent, ev.id, with_for_update=True)
-        if row is None or row.status != "pending":
-            return
-        row.attempts += 1
-        row.claimed_until = 0.0
-        if outcome.kind == "retry" and s.outbox_max_attempts and row.attempts >= s.outbox_max_attempts:
-            outcome = Outcome("dead", f"gave up after {row.attempts} attempts: {outcome.reason}")
-        if outcome.kind == "sent":
-            row.status = "sent"
-            row.sent_at = t
-            metrics.OUTBOX_SENT.labels(row.site, row.event).inc()
-            row.last_error = None
-        elif outcome.kind == "retry":
-            delay = backoff_delay(
-                row.attempts,
-                base=s.outbox_backoff_base_s,
-                cap=s.outbox_backoff_cap_s,
-                retry_after=outcome.retry_after,
-                rng=self._rng,
+            counts = collections.Counter((r.site, r.event) for r in rows)
+            for (site, event), n in counts.items():
+                metrics.OUTBOX_SENT.labels(site, event).inc(n)
+            sent_refs = [r.message_ref for r in rows if r.message_ref is not None]
+        retries = [d for d in done if d.outcome.kind == "retry"]
+        if retries:
+            await session.execute(
+                update(_OUTBOX)
+                .where(o.id == bindparam("b_id"), o.status == "pending")
+                .values(
+                    attempts=bindparam("b_attempts"),
+                    next_attempt_at=bindparam("b_next"),
+                    claimed_until=0.0,
+                    last_error=bindparam("b_error"),
+                ),
+                [
+                    {
+                        "b_id": d.ev.id,
+                        "b_attempts": d.attempts,
+                        "b_next": d.next_attempt_at,
+                        "b_error": d.outcome.reason,
+                    }
+                    for d in retries
+                ],
             )
-            row.next_attempt_at = t + delay
-            metrics.OUTBOX_RETRIES.labels(row.site).inc()
-            row.last_error = outcome.reason
-            log.info(
-                "outbox retry",
-                outbox_id=row.id,
-                attempts=row.attempts,
-                delay=round(delay, 3),
-                reason=short_reason(outcome.reason),
+            for d in retries:
+                metrics.OUTBOX_RETRIES.labels(d.ev.site).inc()
+                log.info(
+                    "outbox retry",
+                    outbox_id=d.ev.id,
+                    attempts=d.attempts,
+                    delay=round((d.next_attempt_at or t) - t, 3),
+                    reason=short_reason(d.outcome.reason),
+                )
+        dead = [d for d in done if d.outcome.kind == "dead"]
+        if dead:
+            await session.execute(
+                update(_OUTBOX)
+                .where(o.id == bindparam("b_id"), o.status == "pending")
+                .values(
+                    status="dead", attempts=bindparam("b_attempts"), claimed_until=0.0, last_error=bindparam("b_error")
+                ),
+                [{"b_id": d.ev.id, "b_attempts": d.attempts, "b_error": d.outcome.reason} for d in dead],
             )
-            return
-        else:
-            row.status = "dead"
-            row.last_error = outcome.reason
-            metrics.OUTBOX_DEAD.labels(row.site).inc()
-            log.warning(
-                "outbox dead letter", outbox_id=row.id, outbox_event=row.event, reason=short_reason(outcome.reason)
-            )
-        if row.message_ref is not None:
-            await _update_message_status(tx, row)
-        tx.wake_outbox = True
+            for d in dead:
+                metrics.OUTBOX_DEAD.labels(d.ev.site).inc()
+                log.warning(
+                    "outbox dead letter",
+                    outbox_id=d.ev.id,
+                    outbox_event=d.ev.event,
+                    reason=short_reason(d.outcome.reason),
+                )
+        await _update_message_status(
+            tx, sent=sent_refs, failed=[d.ev.message_ref for d in dead if d.ev.message_ref is not None], t=t
+        )
 
 
-async def _update_message_status(tx: Tx, row: OutboxEvent) -> None:
+async def _update_message_status(tx: Tx, *, sent: list[int], failed: list[int], t: float) -> None:
     """A counselor message is ``sent`` once all its parts are, ``failed`` if one is dead."""
-    msg = await tx.session.get(Message, row.message_ref)
-    if msg is None or msg.status not in ("pending", "sent"):
-        return
-    if row.status == "dead":
-        new = "failed"
-    else:
-        left = await tx.session.scalar(
-            select(func.count()).where(
-                OutboxEvent.message_ref == row.message_ref,
-                OutboxEvent.status == "pending",
-                OutboxEvent.id != row.id,
+    m = _MESSAGES.c
+    changed: list[Any] = []
+    if sent:
+        parts_left = select(_OUTBOX.c.id).where(_OUTBOX.c.message_ref == m.id, _OUTBOX.c.status == "pending").exists()
+        changed += (
+            await tx.session.execute(
+                update(_MESSAGES)
+                .where(m.id.in_(sorted(set(sent))), m.status == "pending", ~parts_left)
+                .values(status="sent", status_at=t)
+                .returning(m.id, m.conversation_id, m.external_id, m.counselor_id, m.status)
             )
-        )
-        if left:
-            return
-        new = "sent"
-    if msg.status == new:
-        return
-    msg.status = new
-    msg.status_at = now()
-    if msg.counselor_id is not None:
-        tx.notify(
-            msg.counselor_id,
-            "message_status",
-            conversation_id=msg.conversation_id,
-            message_id=msg.external_id,
-            status=new,
-        )
+        ).all()
+    if failed:
+        changed += (
+            await tx.session.execute(
+                update(_MESSAGES)
+                .where(m.id.in_(sorted(set(failed))), m.status.in_(("pending", "sent")))
+                .values(status="failed", status_at=t)
+                .returning(m.id, m.conversation_id, m.external_id, m.counselor_id, m.status)
+            )
+        ).all()
+    for row in sorted(changed, key=lambda r: r.id):
+        if row.counselor_id is not None:
+            tx.notify(
+                row.counselor_id,
+                "message_status",
+                conversation_id=row.conversation_id,
+                message_id=row.external_id,
+                status=row.status,
+            )
 
 
 async def replay_dead(core: Core, outbox_id: int) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import httpx
 
-from helpline.delivery.rapidpro import Outcome, parse_retry_after
+from helpline.delivery.rapidpro import Outcome, http_client, parse_retry_after
 from helpline.settings import Settings
 
 __all__ = [
@@ -156,7 +156,7 @@ class WeniClient:
 
     def __init__(self, client: httpx.AsyncClient | None = None) -> None:
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient()
+        self._client = client if client is not None else http_client()  # keep-alive, on aiohttp (see rapidpro.http_client)
 
     async def aclose(self) -> None:
         if self._owns_client:
