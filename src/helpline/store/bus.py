@@ -37,6 +37,7 @@ def asyncpg_dsn(url: str) -> str:
 
 async def send(session: AsyncSession, messages: list[Message], t: float) -> None:
     """Queue ``messages`` for every instance; they go out when the session's transaction commits."""
+    payloads: list[str] = []
     for msg in messages:
         payload = orjson.dumps(msg).decode()
         if len(payload.encode()) > MAX_PAYLOAD:
@@ -44,7 +45,16 @@ async def send(session: AsyncSession, messages: list[Message], t: float) -> None
                 insert(BusSpill).values(payload=payload, created_at=t).returning(BusSpill.id)
             )
             payload = orjson.dumps({"spill": spill_id}).decode()
-        await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": payload})
+        payloads.append(payload)
+    if len(payloads) == 1:
+        await session.execute(_NOTIFY_ONE, {"c": CHANNEL, "p": payloads[0]})
+    elif payloads:  # one round trip for the whole transaction's events, in their order
+        await session.execute(_NOTIFY_MANY, {"c": CHANNEL, "ps": payloads})
+
+
+_NOTIFY_ONE = text("SELECT pg_notify(:c, :p)")
+# A function scan returns the array's elements in order, so the events are notified in order.
+_NOTIFY_MANY = text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p")
 
 
 class Listener:
