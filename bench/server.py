@@ -78,7 +78,15 @@ def _outbox_message_ref_index() -> None:
     app_mod.upgrade = upgrade  # type: ignore[attr-defined]
 
 
+def _gc_off() -> None:
+    """No cyclic garbage collection at all (to see whether its pauses make the latency tail)."""
+    import gc
+
+    gc.disable()
+
+
 EXPERIMENTS = {
+    "gc-off": _gc_off,
     "sqlite-single-connection": _single_sqlite_connection,
     "auth-cache": _auth_cache,
     "outbox-message-ref-index": _outbox_message_ref_index,

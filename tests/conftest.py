@@ -29,6 +29,10 @@ from helpline.testing.live import LiveServer
 
 PG_URL = os.environ.get("HELPLINE_TEST_DATABASE_URL")
 
+# Many servers start in this one process: gc.freeze() at each start would keep every earlier
+# server's cyclic garbage for ever (Settings reads HELPLINE_GC_FREEZE).
+os.environ.setdefault("HELPLINE_GC_FREEZE", "false")
+
 # structlog's default console output renders a logged exception with rich (syntax-highlighted
 # source of every frame): seconds of CPU on the server's event loop per traceback, which stalls
 # the live server under test. Plain tracebacks instead; `helpline serve` logs JSON anyway.
@@ -165,7 +169,11 @@ def make_env(database_url: str, rapidpro: FakeRapidPro, tmp_path: Path) -> Itera
     def make(settings: dict[str, Any] | None = None, **site_opts: Any) -> Env:
         path = tmp_path / f"sites{len(envs)}.toml"
         path.write_text(sites_toml(rapidpro, **site_opts))
-        defaults: dict[str, Any] = {"poll_interval_s": 0.5, "outbox_backoff_base_s": 0.05, "outbox_backoff_cap_s": 0.5}
+        defaults: dict[str, Any] = {
+            "poll_interval_s": 0.5,
+            "outbox_backoff_base_s": 0.05,
+            "outbox_backoff_cap_s": 0.5,
+        }
         s = Settings(database_url=database_url, sites=str(path), **{**defaults, **(settings or {})})
         server = LiveServer(s, SiteRegistry.from_toml(path)).start()
         env = Env(server, rapidpro)

@@ -156,7 +156,9 @@ class WeniClient:
 
     def __init__(self, client: httpx.AsyncClient | None = None) -> None:
         self._owns_client = client is None
-        self._client = client if client is not None else http_client()  # keep-alive, on aiohttp (see rapidpro.http_client)
+        self._client = (
+            client if client is not None else http_client()
+        )  # keep-alive, on aiohttp (see rapidpro.http_client)
 
     async def aclose(self) -> None:
         if self._owns_client:
