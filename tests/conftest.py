@@ -30,8 +30,9 @@ from helpline.testing.live import LiveServer
 PG_URL = os.environ.get("HELPLINE_TEST_DATABASE_URL")
 
 # Many servers start in this one process: gc.freeze() at each start would keep every earlier
-# server's cyclic garbage for ever (Settings reads HELPLINE_GC_FREEZE).
+# server's cyclic garbage for ever, and the process's collector stays Python's own.
 os.environ.setdefault("HELPLINE_GC_FREEZE", "false")
+os.environ.setdefault("HELPLINE_GC_FULL_COLLECTION_S", "0")
 
 # structlog's default console output renders a logged exception with rich (syntax-highlighted
 # source of every frame): seconds of CPU on the server's event loop per traceback, which stalls

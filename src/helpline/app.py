@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,7 +12,7 @@ from fastapi import Depends, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
-from helpline import console, metrics
+from helpline import console, gcpolicy, metrics
 from helpline.api import cases, counselors, deps, errors, openchs, supervisor, weni, ws
 from helpline.delivery.outbox import OutboxWorker
 from helpline.delivery.rapidpro import RapidProClient
@@ -65,15 +64,17 @@ def create_app(
                 tasks.append(asyncio.create_task(phones.run(), name="asterisk"))
             if settings.retention_days > 0:
                 tasks.append(asyncio.create_task(run_retention(core), name="retention"))
+        restore_gc: Callable[[], None] | None = None
         if settings.gc_freeze:
-            # What exists now (the interpreter's, the libraries' and the app's own long-lived
-            # objects) is left out of every later collection: a full collection otherwise walks all
-            # of it, a pause of ~100 ms on the event loop under load (bench.inbound's latency tail).
-            gc.collect()
-            gc.freeze()
+            gcpolicy.freeze()
+        if settings.gc_full_collection_s > 0:
+            restore_gc = gcpolicy.schedule_full_collections()
+            tasks.append(asyncio.create_task(gcpolicy.run_full_collections(settings.gc_full_collection_s), name="gc"))
         try:
             yield
         finally:
+            if restore_gc is not None:
+                restore_gc()
             for t in tasks:
                 t.cancel()
             for t in tasks:

@@ -45,9 +45,11 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(1.0, gt=0)
 
     log_level: str = "INFO"
-    # After startup, gc.freeze(): the long-lived objects then stay out of every later full
-    # collection, whose ~100 ms pauses on the event loop were the tail of the message latency.
+    # Garbage collection (helpline.gcpolicy): after startup, gc.freeze() the long-lived objects;
+    # full collections every gc_full_collection_s (0: whenever Python decides, i.e. under load,
+    # ~100 ms pauses of the event loop that were the tail of the message latency).
     gc_freeze: bool = True
+    gc_full_collection_s: float = Field(600.0, ge=0)
 
     # Weni generic ticketer (``/v1/tickets``; webhooks back signed with HMAC-SHA256).
     # "new,old": the first secret signs; when Weni answers 401 invalid_signature the next is tried,
