@@ -18,6 +18,7 @@ from helpline.domain.errors import Conflict, Invalid, NotFound
 from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, repeat_answer
 from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
+from helpline.store.db import is_sqlite
 from helpline.store.models import Agent, Conversation, IdempotencyKey, Message, Offer, User
 
 # Order of a counselor message's delivery as the chatbot reports it; it never goes backwards.
@@ -34,7 +35,7 @@ def _require_chatbot(who: Principal, path_site: str | None) -> None:
 async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
     _require_chatbot(who, path_site)
     if core.inbound is None:
-        core.inbound = InboundBatcher(core)
+        core.inbound = InboundBatcher(core, max_in_flight=1 if is_sqlite(core.settings.database_url) else 4)
     answer = await core.inbound.submit(who, msg, path_site)  # a message continuing a conversation
     if answer is not None:
         return answer

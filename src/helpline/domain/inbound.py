@@ -84,35 +84,51 @@ def repeat_answer(first: str, msg: ChatIn) -> Answer:
 
 
 class InboundBatcher:
-    def __init__(self, core: Core) -> None:
+    """``max_in_flight`` transactions at once: 1 on SQLite (one writer anyway); on PostgreSQL a few,
+    so that one batch's commit (its WAL flush) overlaps the next batch's statements. Messages of
+    one conversation in two batches still go in order: each batch locks its conversations first,
+    in id order, so the later batch waits for the earlier one's commit."""
+
+    def __init__(self, core: Core, max_in_flight: int = 1) -> None:
         self.core = core
+        self.max_in_flight = max_in_flight
         self._waiting: list[_Item] = []
-        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._kick_scheduled = False
 
     async def submit(self, who: Principal, msg: ChatIn, path_site: str | None) -> Answer | None:
         """Store ``msg`` with others; its answer, or None: take the one-message path."""
-        future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer | None] = loop.create_future()
         self._waiting.append(_Item(who, msg, path_site, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain(), name="inbound-batch")
+        if not self._kick_scheduled:
+            # After the requests already runnable in this turn of the loop have handed theirs over.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
         return await future
 
-    async def _drain(self) -> None:
-        while self._waiting:
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._waiting and len(self._running) < self.max_in_flight:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-            try:
-                await self._write(batch)
-            except Exception as exc:  # the whole transaction failed: each message is retried alone
-                metrics.INBOUND_BATCH_FAILED.inc()
-                log.info("inbound_batch_retried_alone", size=len(batch), error=type(exc).__name__)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_result(None)
-            except BaseException:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_result(None)
-                raise
+            task = asyncio.create_task(self._run(batch), name="inbound-batch")
+            self._running.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._kick()
+
+    async def _run(self, batch: list[_Item]) -> None:
+        try:
+            await self._write(batch)
+        except Exception as exc:  # the whole transaction failed: each message is retried alone
+            metrics.INBOUND_BATCH_FAILED.inc()
+            log.info("inbound_batch_retried_alone", size=len(batch), error=type(exc).__name__)
+        finally:
+            for item in batch:  # handed back (None): each goes alone, by the one-message path
+                if not item.future.done():
+                    item.future.set_result(None)
 
     async def _write(self, batch: list[_Item]) -> None:
         metrics.INBOUND_BATCH.observe(len(batch))
