@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,20 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
-from conftest import PASSWORD, Env, sites_toml
+from conftest import PASSWORD, PG_URL, Env, sites_toml
 from helpline import cli
 from helpline.api import signing
 from helpline.api.signing import ReplayCache, SignatureError
 from helpline.domain.auth import SIGNING_SECRET, new_signing_secret, set_signing_secret
-from helpline.store.models import User
+from helpline.domain.core import Core
+from helpline.domain.signatures import CLOCK_MARGIN_S, PURGE_EVERY_S, SeenSignatures
+from helpline.domain.sites import SiteRegistry
+from helpline.store.models import SeenSignature, User
 from helpline.testing.fake_rapidpro import FakeRapidPro
+from helpline.testing.live import LiveServer
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret-0001"
 OTHER = "an0ther-an0ther-an0ther-an0ther-an0ther-2"
@@ -142,12 +148,25 @@ def test_the_replay_cache_remembers_each_signature_until_its_window_ends() -> No
     assert len(cache) == 2  # 1:aa again and 1:cc (2:aa's window is over too)
 
 
+def test_a_discarded_entry_is_forgotten_at_once() -> None:
+    cache = ReplayCache()
+    assert cache.seen("1:aa", until=T0 + 300, now=T0) is False
+    cache.discard("1:aa")
+    cache.discard("1:zz")  # unknown: nothing to do
+    assert len(cache) == 0
+    assert cache.seen("1:aa", until=T0 + 300, now=T0 + 1) is False
+    assert cache.seen("1:aa", until=T0 + 300, now=T0 + 2) is True
+    assert cache.seen("1:bb", until=T0 + 700, now=T0 + 301) is False  # the stale heap entry is skipped
+    assert len(cache) == 1
+
+
 def test_check_refuses_a_replay_but_not_the_same_request_signed_again() -> None:
     cache = ReplayCache()
     kw: dict[str, Any] = {"method": "POST", "target": "/api/chat/", "body": b"{}", "now": T0, "tolerance": 300}
     first = signing.signature_headers(SECRET, "POST", "/api/chat/", b"{}", at=T0)
     ts, sig = first["X-Helpline-Timestamp"], first["X-Helpline-Signature"]
-    signing.check(cache, (SECRET,), account="7", timestamp=ts, signature=sig, **kw)
+    key, until = signing.check(cache, (SECRET,), account="7", timestamp=ts, signature=sig, **kw)
+    assert key == "7:" + sig.removeprefix("sha256=") and until == T0 + 300
     with pytest.raises(SignatureError) as caught:
         signing.check(cache, (SECRET,), account="7", timestamp=ts, signature=sig.upper().replace("SHA", "sha"), **kw)
     assert caught.value.code == "replayed"
@@ -314,6 +333,113 @@ def test_a_replay_of_the_same_signed_request_is_refused(env: Env, signer: Callab
     assert retry.status_code == 200, retry.text  # the message_id's first answer, nothing duplicated
     msgs = bot.call("GET", "/api/chat/s1/messages/").json()["results"]
     assert [m["text"] for m in msgs] == ["once"]
+
+
+async def seen_keys(core: Core) -> set[str]:
+    async with core.sessionmaker() as session:
+        return set(await session.scalars(select(SeenSignature.key)))
+
+
+async def user_id(core: Core, username: str) -> int | None:
+    async with core.sessionmaker() as session:
+        found: int | None = await session.scalar(select(User.id).where(User.username == username))
+        return found
+
+
+def test_a_failed_claim_does_not_spend_the_signature(
+    env: Env, signer: Callable[..., Signer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bot = signer()
+    raw, headers = bot.prepare("GET", "/api/chat/")
+
+    async def down(*_args: Any) -> bool:
+        raise OperationalError("INSERT INTO seen_signatures", {}, OSError("the store is down"))
+
+    with monkeypatch.context() as m:
+        m.setattr(SeenSignatures, "first_use", down)
+        error_of(bot.send("GET", "/api/chat/", raw, headers), 503, "unavailable")
+    # Not accepted, so not remembered: the client's copy of the same request passes once the store is back.
+    assert bot.send("GET", "/api/chat/", raw, headers).status_code == 200
+    error_of(bot.send("GET", "/api/chat/", raw, headers), 401, "replayed")
+
+
+@pytest.mark.skipif(bool(PG_URL), reason="SQLite: one process, its memory is enough")
+def test_on_sqlite_signatures_stay_in_memory(env: Env, signer: Callable[..., Signer]) -> None:
+    bot = signer()
+    raw, headers = bot.prepare("GET", "/api/chat/")
+    assert bot.send("GET", "/api/chat/", raw, headers).status_code == 200
+    error_of(bot.send("GET", "/api/chat/", raw, headers), 401, "replayed")
+    assert env.server.call(seen_keys(env.server.core)) == set()
+
+
+@pytest.mark.skipif(not PG_URL, reason="several instances share a database only on PostgreSQL")
+def test_a_signature_accepted_by_one_instance_is_refused_by_another(
+    env: Env, signer: Callable[..., Signer], tmp_path: Path
+) -> None:
+    bot = signer()  # talks to instance A
+    me = env.server.core
+    b = LiveServer(env.server.settings, SiteRegistry.from_toml(tmp_path / "sites0.toml")).start()
+    to_b = httpx.Client(base_url=b.url, headers={"Authorization": f"Token {bot.token}"}, timeout=30)
+    try:
+
+        def send_b(method: str, target: str, raw: bytes, headers: dict[str, str]) -> httpx.Response:
+            return to_b.request(method, target, content=raw, headers=headers)
+
+        raw, headers = bot.prepare("POST", "/api/chat/", chat("s1", "once", message_id="m1"))
+        assert bot.send("POST", "/api/chat/", raw, headers).status_code == 201
+        error_of(send_b("POST", "/api/chat/", raw, headers), 401, "replayed")
+        digest = headers["X-Helpline-Signature"].removeprefix("sha256=")
+        account = env.server.call(user_id(me, "signer"))
+        assert f"{account}:{digest}" in env.server.call(seen_keys(me))
+        # The other way round: accepted by B first, refused by A (and by B again, from memory).
+        raw, headers = bot.prepare("GET", "/api/chat/s1/messages/")
+        assert send_b("GET", "/api/chat/s1/messages/", raw, headers).status_code == 200
+        error_of(bot.send("GET", "/api/chat/s1/messages/", raw, headers), 401, "replayed")
+        error_of(send_b("GET", "/api/chat/s1/messages/", raw, headers), 401, "replayed")
+        # A fresh signature of the same request is accepted by B: the message_id's first answer.
+        raw, headers = bot.prepare("POST", "/api/chat/", chat("s1", "once", message_id="m1"))
+        assert send_b("POST", "/api/chat/", raw, headers).status_code == 200
+        # Two copies sent at once to the two instances: exactly one passes.
+        for _ in range(5):
+            raw, headers = bot.prepare("GET", "/api/chat/")
+            with ThreadPoolExecutor(2) as pool:
+                both = [
+                    pool.submit(bot.send, "GET", "/api/chat/", raw, headers),
+                    pool.submit(send_b, "GET", "/api/chat/", raw, headers),
+                ]
+                codes = sorted(f.result().status_code for f in both)
+            assert codes == [200, 401], codes
+        msgs = bot.call("GET", "/api/chat/s1/messages/").json()["results"]
+        assert [m["text"] for m in msgs] == ["once"]
+    finally:
+        to_b.close()
+        b.stop()
+
+
+@pytest.mark.skipif(not PG_URL, reason="the shared table is used only on PostgreSQL")
+def test_expired_seen_signatures_are_purged_at_most_once_a_period(env: Env) -> None:
+    core = env.server.core
+    t = time.time()
+    a, b = SeenSignatures(core), SeenSignatures(core)  # two instances' views of the table
+    early = t - 1000  # a's first claim purges (nothing has expired yet), then not for PURGE_EVERY_S
+    rows = {
+        "9:old": t - CLOCK_MARGIN_S - 1,  # expired longer ago than the clock margin: purged at t
+        "9:margin": t - CLOCK_MARGIN_S + 1,  # expired, but a slow clock could still accept it: kept
+        "9:live": t + 100,
+    }
+    for key, until in rows.items():
+        assert env.server.call(a.first_use(key, until, early)) is True
+        assert env.server.call(b.first_use(key, until, early)) is False  # b: a replay
+    assert env.server.call(seen_keys(core)) == set(rows)
+    assert env.server.call(b.first_use("9:new", t + 300, t)) is True  # b purges now
+    assert env.server.call(seen_keys(core)) == {"9:margin", "9:live", "9:new"}
+    # Not again within PURGE_EVERY_S, though 9:margin is past its margin by then.
+    assert env.server.call(b.first_use("9:later", t + 300, t + PURGE_EVERY_S - 1)) is True
+    assert "9:margin" in env.server.call(seen_keys(core))
+    assert env.server.call(b.first_use("9:next", t + 300, t + PURGE_EVERY_S)) is True
+    assert env.server.call(seen_keys(core)) == {"9:live", "9:new", "9:later", "9:next"}
+    # purge itself says how many rows it deleted.
+    assert env.server.call(a.purge(t + 1000)) == 4
 
 
 def test_a_signature_made_for_another_call_is_refused(env: Env, signer: Callable[..., Signer]) -> None:

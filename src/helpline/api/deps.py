@@ -17,6 +17,7 @@ from helpline.api.errors import ApiError, _fields_from_validation
 from helpline.domain.auth import Principal, authenticate
 from helpline.domain.core import Core, now
 from helpline.domain.errors import NotAuthenticated
+from helpline.domain.signatures import SeenSignatures
 
 log = structlog.get_logger("helpline.api")
 
@@ -113,12 +114,26 @@ def replay_cache_of(request: Request) -> signing.ReplayCache:
     return cache
 
 
+def seen_signatures_of(request: Request) -> SeenSignatures:
+    """The signatures accepted by every instance (PostgreSQL; a no-op on SQLite), one per application."""
+    state = request.app.state
+    seen: SeenSignatures | None = getattr(state, "seen_signatures", None)
+    if seen is None:
+        seen = state.seen_signatures = SeenSignatures(core_of(request))
+    return seen
+
+
 async def check_signature(request: Request, who: Principal) -> None:
-    """401 unless the request carries a valid, fresh, first-seen signature by one of ``who``'s secrets."""
+    """401 unless the request carries a valid, fresh, first-seen signature by one of ``who``'s secrets.
+
+    First-seen by this instance (memory, no query), then, on PostgreSQL, by every instance.
+    """
     body = await read_body(request)
+    cache = replay_cache_of(request)
+    t = now()
     try:
-        signing.check(
-            replay_cache_of(request),
+        key, until = signing.check(
+            cache,
             who.signing_secrets,
             account=str(who.id),
             timestamp=request.headers.get(signing.TIMESTAMP_HEADER),
@@ -126,9 +141,16 @@ async def check_signature(request: Request, who: Principal) -> None:
             method=request.method,
             target=signing.target_of(request.scope),
             body=body,
-            now=now(),
+            now=t,
             tolerance=core_of(request).settings.signature_tolerance_s,
         )
+        try:
+            first = await seen_signatures_of(request).first_use(key, until, t)
+        except BaseException:
+            cache.discard(key)  # not accepted (the store failed): a copy may be sent again
+            raise
+        if not first:
+            raise signing.replayed()  # accepted by another instance
     except signing.SignatureError as exc:
         log.warning("signature refused", user=who.username, code=exc.code, method=request.method)
         raise ApiError(401, exc.message, code=exc.code) from exc

@@ -15,7 +15,9 @@ The timestamp is unix seconds, an integer or with up to 6 decimals; it must be w
 of the server's clock. A valid signature is accepted once: the :class:`ReplayCache` remembers it
 until its timestamp leaves the tolerance window, after which the timestamp alone refuses it. So two
 identical requests (a poll, a retry) need two timestamps: milliseconds, as :func:`signature_headers`
-writes them, keep them apart.
+writes them, keep them apart. The cache is one instance's memory; on PostgreSQL the caller then
+claims the signature for every instance (``helpline.domain.signatures``), with :func:`replayed`
+when another instance had it first.
 
 Pure functions and one small class: no web framework here (``helpline.api.deps`` wires it in).
 """
@@ -125,6 +127,16 @@ def verify(
     return given, at + tolerance
 
 
+def replay_key(account: str, digest: str) -> str:
+    """What identifies one accepted signature: ``"<account>:<lowercase hex digest>"``."""
+    return f"{account}:{digest}"
+
+
+def replayed() -> SignatureError:
+    """The error for a signature already accepted (by this instance or, on PostgreSQL, another one)."""
+    return SignatureError("replayed", "this signature was already used: sign each request afresh")
+
+
 class ReplayCache:
     """Signatures already accepted, each until the end of its timestamp's window (one per instance).
 
@@ -159,6 +171,13 @@ class ReplayCache:
         heapq.heappush(self._expiries, (until, key))
         return False
 
+    def discard(self, key: str) -> None:
+        """Forget ``key`` at once: its request was not accepted after all (the shared claim failed).
+
+        Its heap entry stays until it expires; :meth:`_forget` then finds no matching entry.
+        """
+        self._until.pop(key, None)
+
 
 def check(
     cache: ReplayCache,
@@ -172,8 +191,12 @@ def check(
     body: bytes,
     now: float,
     tolerance: float = DEFAULT_TOLERANCE_S,
-) -> None:
-    """:func:`verify`, then refuse a signature ``account`` has already used (``replayed``)."""
+) -> tuple[str, float]:
+    """:func:`verify`, then refuse a signature ``account`` has already used here (``replayed``).
+
+    Returns ``(key, until)``: the signature's :func:`replay_key`, now in ``cache``, and the end of its
+    window, for the caller's claim across instances (PostgreSQL).
+    """
     digest, until = verify(
         secrets,
         timestamp=timestamp,
@@ -184,5 +207,7 @@ def check(
         now=now,
         tolerance=tolerance,
     )
-    if cache.seen(f"{account}:{digest}", until, now):
-        raise SignatureError("replayed", "this signature was already used: sign each request afresh")
+    key = replay_key(account, digest)
+    if cache.seen(key, until, now):
+        raise replayed()
+    return key, until

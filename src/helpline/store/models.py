@@ -293,3 +293,13 @@ class AuditEntry(Base):
     conversation_id: Mapped[str] = mapped_column(String(36))
     site: Mapped[str] = mapped_column(String(32))
     address: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the caller's IP address
+
+
+class SeenSignature(Base):
+    """A request signature some instance accepted (helpline.domain.signatures): on PostgreSQL every
+    instance refuses it as a replay until ``expires_at``, the end of its timestamp's window."""
+
+    __tablename__ = "seen_signatures"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)  # "<account id>:<64 hex digest>"
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
