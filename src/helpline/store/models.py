@@ -63,6 +63,9 @@ class Conversation(Base):
         UniqueConstraint("chatbot_id", "chat_session", name="uq_conversations_chatbot_session"),
         Index("ix_conversations_queue", "site", "status", "risk_rank", "queued_at"),
         Index("ix_conversations_site_assigned", "site", "assigned_at"),  # recent waits: notices
+        # Hunting counts each counselor's assigned conversations of a site on every round
+        # (routing.presence): from this index alone, not 10,000 table rows at scale.
+        Index("ix_conversations_site_status_counselor", "site", "status", "counselor_id"),
         Index("ix_conversations_purge", "purged_at", "closed_at"),
     )
 
