@@ -76,3 +76,38 @@ def test_checkpointer_copies_the_wal_back(tmp_path: Path) -> None:
     conn.execute("INSERT INTO t VALUES ('y')")  # the WAL starts over from its beginning
     assert conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] <= 2
     conn.close()
+
+
+def test_the_writer_runs_on_the_callers_thread_and_readers_on_aiosqlites(tmp_path: Path) -> None:
+    """InlineConnection overrides aiosqlite internals (pinned to 0.22.x): if they change, this fails."""
+    import asyncio
+    import threading
+
+    from sqlalchemy import text
+
+    from helpline.store.db import make_engine
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
+
+    def workers() -> int:
+        return sum(1 for t in threading.enumerate() if "_connection_worker_thread" in t.name)
+
+    async def go() -> None:
+        writer, reader = make_engine(url), make_engine(url, reader=True)
+        try:
+            before = workers()
+            async with writer.begin() as conn:
+                await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+                await conn.execute(text("INSERT INTO t VALUES (1), (2)"))
+            assert workers() == before  # no thread for the writer
+            async with writer.connect() as conn:
+                assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() == WRITER_BUSY_TIMEOUT_MS
+                assert (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar() == 0
+            async with reader.connect() as conn:
+                assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 2
+            assert workers() == before + 1  # the reader's connection has its worker thread
+        finally:
+            await writer.dispose()
+            await reader.dispose()
+
+    asyncio.run(go())
