@@ -19,6 +19,7 @@ from helpline.domain import conversations as convs
 from helpline.domain.auth import Principal, authenticate
 from helpline.domain.errors import Conflict
 from helpline.domain.inbound import Answer, ChatIn
+from helpline.domain.states import Risk
 from helpline.store.models import Conversation, IdempotencyKey, Message
 from helpline.testing.fake_chatbot import FakeChatbot
 from helpline.testing.fake_counselor import FakeCounselor
@@ -104,7 +105,7 @@ def test_one_transaction_answers_each_message_as_if_posted_alone(env: Env) -> No
         chat_in("batch-b", "used elsewhere", "a-2"),  # a message_id of another chat_session: 409
         chat_in("batch-closed", "too late", "c-1"),  # a closed conversation: 409
         chat_in("batch-a", "a3, no message_id"),
-        chat_in("batch-b", "b2", "b-2", contact_urn="whatsapp:254700000001"),
+        chat_in("batch-b", "b2", "b-2", contact_urn="whatsapp:254700000001", risk=Risk.HIGH),
     ]
     failed = _failed()
     results = post_together(env, bot, msgs)
@@ -142,11 +143,15 @@ def test_one_transaction_answers_each_message_as_if_posted_alone(env: Env) -> No
     # What the chatbot reads back over HTTP agrees, and the new contact address was kept.
     assert [m["text"] for m in bot.messages("batch-b").json()["results"]] == ["hello", "b1", "b2"]
 
-    async def urn() -> str | None:
+    async def contact() -> tuple[str | None, str]:
         async with env.server.core.sessionmaker() as s:
-            return await s.scalar(select(Conversation.contact_urn).where(Conversation.id == b))
+            row = (
+                await s.execute(select(Conversation.contact_urn, Conversation.risk).where(Conversation.id == b))
+            ).one()
+            return row.contact_urn, row.risk
 
-    assert env.server.call(urn()) == "whatsapp:254700000001"
+    # The new contact address was kept and the risk raised (never lowered later: b1 said nothing).
+    assert env.server.call(contact()) == ("whatsapp:254700000001", "high")
 
 
 def test_a_new_conversation_in_a_batch_takes_the_one_message_path(env: Env) -> None:

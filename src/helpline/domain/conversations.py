@@ -15,7 +15,7 @@ from helpline.domain import notices
 from helpline.domain.auth import Principal, Role
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, repeat_answer
+from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, refreshed_contact, repeat_answer
 from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
 from helpline.store.db import is_sqlite
@@ -97,11 +97,13 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
                 raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
             if conv.status == ConversationStatus.CLOSED:
                 raise Conflict(f"conversation {msg.chat_session!r} is closed")
-            risk_rank = conv.risk_rank
-            _refresh_contact(conv, msg)
+            before = (conv.contact_urn, conv.contact_uuid, conv.risk, conv.risk_rank)
+            after = refreshed_contact(before, msg)
+            if after != before:
+                conv.contact_urn, conv.contact_uuid, conv.risk, conv.risk_rank = after
             # The queue's order and the dashboards change with a new conversation or a higher risk;
             # another message in a conversation does not change them: no event to every socket of the site.
-            queue_changed = conv.risk_rank != risk_rank
+            queue_changed = after[3] != before[3]
         delivery = "delivered" if conv.status == ConversationStatus.ASSIGNED else "queued"
         m = Message(
             uuid=str(uuid.uuid4()),
@@ -140,16 +142,6 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
         if queue_changed:
             tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
         return Answer(True, body)
-
-
-def _refresh_contact(conv: Conversation, msg: ChatIn) -> None:
-    if msg.contact_urn:
-        conv.contact_urn = msg.contact_urn
-    if msg.contact_uuid:
-        conv.contact_uuid = msg.contact_uuid
-    if msg.risk is not None and msg.risk.rank > conv.risk_rank:
-        conv.risk = msg.risk.value
-        conv.risk_rank = msg.risk.rank
 
 
 async def _chatbot_conversation(tx: Tx, who: Principal, chat_session: str, path_site: str | None) -> Conversation:

@@ -29,7 +29,7 @@ from helpline.domain.auth import Principal
 from helpline.domain.core import Core, now
 from helpline.domain.errors import Conflict
 from helpline.domain.states import ConversationStatus, Risk
-from helpline.domain.views import iso
+from helpline.domain.views import message_view
 from helpline.store.models import Conversation, IdempotencyKey, Message
 
 log = structlog.get_logger("helpline.inbound")
@@ -186,10 +186,12 @@ class InboundBatcher:
                 except Conflict as exc:
                     outcomes[i] = exc
                     continue
-                risk_rank = conv["risk_rank"]
-                if _refresh_contact(conv, msg):
+                before: Contact = (conv["contact_urn"], conv["contact_uuid"], conv["risk"], conv["risk_rank"])
+                after = refreshed_contact(before, msg)
+                if after != before:
+                    conv.update(zip(_CONTACT, after, strict=True))
                     changed[conv["id"]] = conv
-                if conv["risk_rank"] != risk_rank:  # the queue's order and the dashboards change
+                if after[3] != before[3]:  # the queue's order and the dashboards change
                     tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
                 delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
                 row = {
@@ -244,7 +246,7 @@ class InboundBatcher:
                     metrics.MESSAGES_IN.labels(conv["site"]).inc()
                     if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
                         # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
-                        tx.notify(conv["counselor_id"], "message", message=_message_view(id_, row))
+                        tx.notify(conv["counselor_id"], "message", message=message_view(Message(id=id_, **row)))
             if idem:
                 await conn.execute(insert(_K), idem)
         for item, outcome in zip(batch, outcomes, strict=True):
@@ -267,32 +269,14 @@ def _pairs_in(
     return or_(*(and_(owner == o, name.in_(sorted(names))) for o, names in sorted(by_owner.items())))
 
 
-def _refresh_contact(conv: dict[str, Any], msg: ChatIn) -> bool:
-    """A later message may bring the contact's URN or UUID, or a higher risk; True if it did."""
-    before = (conv["contact_urn"], conv["contact_uuid"], conv["risk_rank"])
-    if msg.contact_urn:
-        conv["contact_urn"] = msg.contact_urn
-    if msg.contact_uuid:
-        conv["contact_uuid"] = msg.contact_uuid
-    if msg.risk is not None and msg.risk.rank > conv["risk_rank"]:
-        conv["risk"] = msg.risk.value
-        conv["risk_rank"] = msg.risk.rank
-    return (conv["contact_urn"], conv["contact_uuid"], conv["risk_rank"]) != before
+_CONTACT = ("contact_urn", "contact_uuid", "risk", "risk_rank")
+Contact = tuple[str | None, str | None, str, int]
 
 
-def _message_view(id_: int, row: dict[str, Any]) -> dict[str, Any]:
-    """``views.message_view`` of a chatbot message just inserted from ``row``."""
-    return {
-        "id": id_,
-        "uuid": row["uuid"],
-        "message_id": row["external_id"],
-        "conversation_id": row["conversation_id"],
-        "direction": "in",
-        "sender": "contact",
-        "text": row["text"],
-        "attachments": [],
-        "status": row["status"],
-        "counselor_name": None,
-        "created_at": iso(row["created_at"]),
-        "status_at": iso(row["status_at"]),
-    }
+def refreshed_contact(current: Contact, msg: ChatIn) -> Contact:
+    """A conversation's (contact_urn, contact_uuid, risk, risk_rank) after a later message of it,
+    which may bring the contact's URN or UUID, or a higher risk (never a lower one)."""
+    urn, uuid_, risk, risk_rank = current
+    if msg.risk is not None and msg.risk.rank > risk_rank:
+        risk, risk_rank = msg.risk.value, msg.risk.rank
+    return msg.contact_urn or urn, msg.contact_uuid or uuid_, risk, risk_rank
