@@ -25,7 +25,7 @@ from helpline.routing.asterisk import AsteriskPresence
 from helpline.routing.hunt import Hunter
 from helpline.settings import Settings
 from helpline.store.checkpoint import WalCheckpointer
-from helpline.store.db import is_sqlite, sqlite_path
+from helpline.store.db import sqlite_path
 from helpline.store.migrate import upgrade
 
 CHATBOT_PREFIXES = ("/api", "/open/api", "/sites/{site}/api", "/sites/{site}/open/api")
@@ -46,7 +46,7 @@ def create_app(
         tasks: list[asyncio.Task[Any]] = []
         client = RapidProClient()
         weni_client = WeniClient()
-        wal = sqlite_path(settings.database_url) if is_sqlite(settings.database_url) else None
+        wal = sqlite_path(settings.database_url)
         if wal is not None:
             tasks.append(asyncio.create_task(WalCheckpointer(wal).run(), name="wal-checkpoint"))
         if core.listener is not None:

@@ -84,7 +84,9 @@ def _inline_creator(database: str) -> Callable[[], Any]:
 
 
 def sqlite_path(url: str) -> str | None:
-    """The database file of a SQLite URL; None for an in-memory database."""
+    """The database file of a SQLite URL; None for an in-memory database or another database."""
+    if not is_sqlite(url):
+        return None
     database = make_url(url).database
     return None if not database or database == ":memory:" else database
 
@@ -104,10 +106,11 @@ def make_engine(url: str, *, reader: bool = False) -> AsyncEngine:
         if reader or path is None:
             kw = {"pool_size": 4, "max_overflow": 4} if reader else {"pool_size": 1, "max_overflow": 0}
             kw["connect_args"] = {"timeout": 30}
+            busy_ms = 30000
         else:
             kw = {"pool_size": 1, "max_overflow": 0, "async_creator": _inline_creator(path)}
+            busy_ms = WRITER_BUSY_TIMEOUT_MS
         engine = create_async_engine(url, hide_parameters=True, **kw)
-        busy_ms = 30000 if reader or path is None else WRITER_BUSY_TIMEOUT_MS
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
