@@ -47,12 +47,15 @@ from helpline.domain.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus, move_offer
 from helpline.routing.overflow import overflow_pass
 from helpline.routing.presence import candidates
-from helpline.routing.strategies import Candidate, offers_per_round, order
+from helpline.routing.strategies import STORE_ORDERED_STRATEGIES, Candidate, offers_per_round, order
 from helpline.store.models import Agent, Conversation, Offer
 
 log = structlog.get_logger("helpline.hunt")
 
 BATCH = 200
+# For a strategy the store orders: how many free counselors a round reads first (more when the
+# queue or the conversations' missed offers need more).
+FIRST_CANDIDATES = 16
 # Due offers another transaction held (SKIP LOCKED passed them by, on PostgreSQL): look again this soon.
 BUSY_RETRY_S = 0.05
 
@@ -306,9 +309,11 @@ class Hunter:
 
         ``queued``: whether conversations are known to be waiting (``None``: unknown).
         """
-        # Counselors first (one aggregate): with nobody free, the queue is not even loaded.
-        cands = {c.counselor_id: c for c in await candidates(tx.session, site, t)}
-        if not cands:
+        # Counselors first: with nobody free, the queue is not even loaded. For a strategy the
+        # store orders (STORE_ORDERED_STRATEGIES), only the first few free counselors in its order.
+        first = FIRST_CANDIDATES if site.routing.strategy in STORE_ORDERED_STRATEGIES else None
+        found = await candidates(tx.session, site, t, first=first)
+        if not found:
             if queued if queued is not None else await self._any_queued(tx, site):
                 await self._wake_after_wrapup(tx, site, t)
             return
@@ -316,6 +321,16 @@ class Hunter:
         if not waiting:
             return
         missed = await self._missed(tx, [conv.id for conv in waiting])
+        more = first is not None and len(found) == first  # free counselors past the first few
+        if more:
+            # Enough of the order's head that each waiting conversation finds there the counselor
+            # the strategy would pick from everyone: one offer each takes at most one counselor
+            # out, and those who missed it are passed over.
+            need = len(waiting) + len({uid for who in missed.values() for uid in who})
+            if need > len(found):
+                found = await candidates(tx.session, site, t, first=need)
+                more = len(found) == need
+        cands = {c.counselor_id: c for c in found}
         made: list[tuple[Offer, Conversation]] = []
         left = 0  # conversations that stay in the queue
         for i, conv in enumerate(waiting):
@@ -342,7 +357,7 @@ class Hunter:
             offers_made(tx, made)
         if left:
             await self._wake_after_wrapup(tx, site, t)  # conversations wait: a wrap-up's end frees someone
-        elif len(waiting) == BATCH and cands:
+        elif len(waiting) == BATCH and (cands or more):
             self._wake(t)  # the queue goes on past this batch and counselors are free: at once
 
     async def _any_queued(self, tx: Tx, site: Site) -> bool:

@@ -2,23 +2,64 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Float, Integer, Select, String, bindparam, func, literal_column, or_, select, true
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Float,
+    Integer,
+    Select,
+    String,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.domain.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus
-from helpline.routing.strategies import LAST_OFFER_STRATEGIES, Candidate
+from helpline.routing.strategies import LAST_OFFER_STRATEGIES, STORE_ORDERED_STRATEGIES, Candidate
 from helpline.store.models import Agent, Conversation, Offer, PhoneState
 
 
-def _statement(*, phones: bool, last_offer: bool) -> Select[int, int, float, float]:
+def _statement(*, phones: bool, last_offer: bool, first: bool) -> Select[int, int, float, float]:
     """The candidates of site ``:slug`` at time ``:t`` with ``:max_chats`` per counselor.
 
     Built once per variant (``phones``: the site has an Asterisk queue; ``last_offer``: its
-    strategy looks at ``last_offer_at``) and run with parameters: building a statement like this
-    one costs more CPU than SQLite takes to run it.
+    strategy looks at ``last_offer_at``; ``first``: only the first ``:first`` in the order of
+    ``leastrecent``) and run with parameters: building a statement like this one costs more CPU
+    than SQLite takes to run it.
     """
     slug = bindparam("slug", type_=String)
+    if first:
+        # Walk ix_agents_site_status_assigned in the strategy's order, counting each counselor's
+        # load (two index seeks) until ``:first`` have room: a few counselors read, however many
+        # are free. (Counting everyone's load at once, below, is cheaper only for all of them.)
+        assigned_n = (
+            select(func.count())
+            .where(
+                Conversation.site == slug,
+                Conversation.status == ConversationStatus.ASSIGNED,
+                Conversation.counselor_id == Agent.user_id,
+            )
+            .correlate(Agent)
+            .scalar_subquery()
+        )
+        pending_n = (
+            select(func.count())
+            .where(Offer.counselor_id == Agent.user_id, Offer.status == OfferStatus.PENDING)
+            .correlate(Agent)
+            .scalar_subquery()
+        )
+        load = assigned_n + pending_n
+        return (
+            select(Agent.user_id, load, Agent.last_assigned_at, _last_offer_at(slug, last_offer))
+            .where(*_free(slug, phones), load < bindparam("max_chats", type_=Integer))
+            .order_by(Agent.last_assigned_at, Agent.user_id)
+            .limit(bindparam("first", type_=Integer))
+        )
     assigned = (
         select(Conversation.counselor_id.label("uid"), func.count().label("n"))
         .where(Conversation.site == slug, Conversation.status == ConversationStatus.ASSIGNED)
@@ -31,46 +72,63 @@ def _statement(*, phones: bool, last_offer: bool) -> Select[int, int, float, flo
         .group_by(Offer.counselor_id)
         .subquery()
     )
-    # When each was last offered anything: read from the offers, not kept on the agent's row, so
-    # hunting (on any instance) never writes to agents rows that counselors' own requests lock.
-    # Correlated, so only the candidates' own offers are read (ix_offers_counselor_status), not
-    # every offer the site ever made; and only for the strategies that look at it.
+    active = func.coalesce(assigned.c.n, 0) + func.coalesce(pending.c.n, 0)
+    return (
+        select(Agent.user_id, active, Agent.last_assigned_at, _last_offer_at(slug, last_offer))
+        .outerjoin(assigned, assigned.c.uid == Agent.user_id)
+        .outerjoin(pending, pending.c.uid == Agent.user_id)
+        .where(*_free(slug, phones), active < bindparam("max_chats", type_=Integer))
+    )
+
+
+def _free(slug: BindParameter[str], phones: bool) -> list[ColumnElement[bool]]:
+    """In the site's queue, available, past their wrap-up, not on the phone."""
+    on_the_phone = (  # busy or paused in the site's Asterisk queue: no chat offers
+        select(PhoneState.user_id)
+        .where(PhoneState.user_id == Agent.user_id, or_(PhoneState.busy, PhoneState.paused))
+        .exists()
+    )
+    return [
+        Agent.site == slug,
+        Agent.status == "available",
+        Agent.wrapup_until <= bindparam("t", type_=Float),
+        ~on_the_phone if phones else true(),
+    ]
+
+
+def _last_offer_at(slug: BindParameter[str], last_offer: bool) -> ColumnElement[float]:
+    """When each was last offered anything: read from the offers, not kept on the agent's row, so
+    hunting (on any instance) never writes to agents rows that counselors' own requests lock.
+    Correlated, so only the candidates' own offers are read (ix_offers_counselor_status), not
+    every offer the site ever made; and only for the strategies that look at it."""
+    if not last_offer:
+        return literal_column("0.0", Float)
     offered = (
         select(func.max(Offer.created_at))
         .where(Offer.counselor_id == Agent.user_id, Offer.site == slug)
         .correlate(Agent)
         .scalar_subquery()
     )
-    last_offer_at = func.coalesce(offered, 0.0) if last_offer else literal_column("0.0", Float)
-    active = func.coalesce(assigned.c.n, 0) + func.coalesce(pending.c.n, 0)
-    on_the_phone = (  # busy or paused in the site's Asterisk queue: no chat offers
-        select(PhoneState.user_id)
-        .where(PhoneState.user_id == Agent.user_id, or_(PhoneState.busy, PhoneState.paused))
-        .exists()
-    )
-    return (
-        select(Agent.user_id, active, Agent.last_assigned_at, last_offer_at)
-        .outerjoin(assigned, assigned.c.uid == Agent.user_id)
-        .outerjoin(pending, pending.c.uid == Agent.user_id)
-        .where(
-            Agent.site == slug,
-            Agent.status == "available",
-            Agent.wrapup_until <= bindparam("t", type_=Float),
-            active < bindparam("max_chats", type_=Integer),
-            ~on_the_phone if phones else true(),
-        )
-    )
+    return func.coalesce(offered, 0.0)
 
 
 _STATEMENTS = {
-    (phones, last_offer): _statement(phones=phones, last_offer=last_offer)
+    (phones, last_offer, first): _statement(phones=phones, last_offer=last_offer, first=first)
     for phones in (False, True)
     for last_offer in (False, True)
+    for first in (False, True)
 }
 
 
-async def candidates(session: AsyncSession, site: Site, t: float) -> list[Candidate]:
-    statement = _STATEMENTS[site.asterisk is not None, site.routing.strategy in LAST_OFFER_STRATEGIES]
-    params = {"slug": site.slug, "t": t, "max_chats": site.routing.max_chats_per_counselor}
-    rows = (await session.execute(statement, params)).all()
+async def candidates(session: AsyncSession, site: Site, t: float, *, first: int | None = None) -> list[Candidate]:
+    """The site's free counselors with room for one more conversation, with their load.
+
+    ``first``: only the first ``first`` of them in the order of ``leastrecent`` (the site's
+    strategy must be one of STORE_ORDERED_STRATEGIES); fewer means there are no more.
+    """
+    if first is not None and site.routing.strategy not in STORE_ORDERED_STRATEGIES:
+        raise ValueError(f"strategy {site.routing.strategy!r} does not order candidates as the store does")
+    key = (site.asterisk is not None, site.routing.strategy in LAST_OFFER_STRATEGIES, first is not None)
+    params = {"slug": site.slug, "t": t, "max_chats": site.routing.max_chats_per_counselor, "first": first}
+    rows = (await session.execute(_STATEMENTS[key], params)).all()
     return [Candidate(uid, int(n), la, lo) for uid, n, la, lo in rows]

@@ -20,6 +20,13 @@ class Candidate:
 # strategies needs it; a new one that does names itself here.
 LAST_OFFER_STRATEGIES: frozenset[str] = frozenset()
 
+# The strategies whose order is a sort on ``(last_assigned_at, counselor_id)`` alone, offering each
+# conversation to one counselor: the store keeps that order in an index, so for them hunting asks
+# for the first few free counselors in it (routing.presence), not for every free counselor of the
+# site with their load (1,000 counselors: 1,000 counts on every round). A strategy named here must
+# order as :func:`leastrecent` does.
+STORE_ORDERED_STRATEGIES: frozenset[str] = frozenset({"leastrecent"})
+
 
 def ringall(cands: Sequence[Candidate]) -> list[Candidate]:
     """Everyone at once; the first to read wins."""

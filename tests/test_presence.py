@@ -1,0 +1,204 @@
+"""Who hunting offers to, read from the store: every free counselor, or the first few in order.
+
+For ``leastrecent`` (a strategy the store orders) a round reads only the first few free counselors
+in the strategy's order, not every free counselor of the site with their load. These tests pin
+that it changes nothing a counselor or a child sees: the same candidates, the same loads, the same
+counselor offered each conversation, on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from conftest import sites_toml
+from helpline.domain.core import Core
+from helpline.domain.sites import SiteRegistry
+from helpline.domain.states import ConversationStatus, OfferStatus
+from helpline.routing import hunt
+from helpline.routing.hunt import Hunter
+from helpline.routing.presence import candidates
+from helpline.routing.strategies import Candidate, leastrecent
+from helpline.settings import Settings
+from helpline.store.migrate import upgrade
+from helpline.store.models import Agent, Conversation, Offer, User
+from helpline.testing.fake_rapidpro import FakeRapidPro
+
+T0 = 1_700_000_000.0
+MAX_CHATS = 3
+
+
+def run_with_core(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro, body: Callable[[Core], Awaitable[Any]]
+) -> Any:
+    path = tmp_path / "sites.toml"
+    path.write_text(sites_toml(rapidpro, strategy="leastrecent", max_chats=MAX_CHATS, retry_gap_s=60.0))
+    settings = Settings(database_url=database_url, sites=str(path))
+
+    async def main() -> Any:
+        core = Core(settings, SiteRegistry.from_toml(settings.sites))
+        try:
+            await upgrade(core.engine)
+            return await body(core)
+        finally:
+            await core.close()
+
+    return asyncio.run(main())
+
+
+async def add_counselors(core: Core, specs: list[dict[str, Any]]) -> list[int]:
+    """Counselors of ``ke`` with a status, a last assignment, a wrap-up and a load."""
+    async with core.tx() as tx:
+        bot = User(username="bot", password_hash="-", role="chatbot", site="*", name="Bot", created_at=T0)
+        tx.session.add(bot)
+        users = [
+            User(username=f"c{i}", password_hash="-", role="counselor", site="ke", name=f"C{i}", created_at=T0)
+            for i in range(len(specs))
+        ]
+        tx.session.add_all(users)
+        await tx.session.flush()
+        for user, spec in zip(users, specs, strict=True):
+            tx.session.add(
+                Agent(
+                    user_id=user.id,
+                    site="ke",
+                    status=spec.get("status", "available"),
+                    since=T0,
+                    last_assigned_at=spec.get("last_assigned_at", 0.0),
+                    wrapup_until=spec.get("wrapup_until", 0.0),
+                )
+            )
+            for _ in range(spec.get("assigned", 0)):
+                tx.session.add(conversation(bot.id, ConversationStatus.ASSIGNED, counselor_id=user.id))
+            for _ in range(spec.get("pending", 0)):
+                conv = conversation(bot.id, ConversationStatus.OFFERED)
+                tx.session.add(conv)
+                tx.session.add(offer(conv.id, user.id, OfferStatus.PENDING, deadline=T0 + 10**6))
+        return [user.id for user in users]
+
+
+def conversation(bot_id: int, status: str, *, counselor_id: int | None = None, at: float = T0) -> Conversation:
+    return Conversation(
+        id=str(uuid.uuid4()),
+        site="ke",
+        chatbot_id=bot_id,
+        chat_session=uuid.uuid4().hex,
+        source="telegram",
+        client_id=uuid.uuid4().hex[:12],
+        status=status,
+        counselor_id=counselor_id,
+        created_at=at,
+        queued_at=at,
+    )
+
+
+def offer(conversation_id: str, counselor_id: int, status: str, *, deadline: float) -> Offer:
+    return Offer(
+        conversation_id=conversation_id,
+        counselor_id=counselor_id,
+        site="ke",
+        status=status,
+        created_at=deadline - 30,
+        deadline=deadline,
+        resolved_at=None if status == OfferStatus.PENDING else deadline,
+    )
+
+
+async def read_candidates(core: Core, first: int | None = None) -> list[Candidate]:
+    async with core.sessionmaker() as session:
+        return await candidates(session, core.site("ke"), T0 + 1, first=first)
+
+
+def test_the_first_few_are_the_head_of_leastrecents_order_with_the_same_loads(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro
+) -> None:
+    rng = random.Random(7)
+    specs = [
+        {
+            "status": rng.choice(["available"] * 4 + ["paused", "offline"]),
+            "last_assigned_at": float(rng.choice([0, 0, 5, 9, 9, 20, 33])),  # ties, broken by id
+            "wrapup_until": rng.choice([0.0] * 5 + [T0 + 60]),  # still wrapping up: not free
+            "assigned": rng.choice([0, 0, 1, 2, 3]),
+            "pending": rng.choice([0, 0, 0, 1]),
+        }
+        for _ in range(80)
+    ]
+
+    async def body(core: Core) -> tuple[list[Candidate], dict[int, list[Candidate]]]:
+        await add_counselors(core, specs)
+        every = await read_candidates(core)
+        return every, {n: await read_candidates(core, first=n) for n in (1, 2, 5, 16, len(every), 100)}
+
+    every, heads = run_with_core(database_url, tmp_path, rapidpro, body)
+    free = [
+        s
+        for s in specs
+        if s["status"] == "available" and s["wrapup_until"] == 0.0 and s["assigned"] + s["pending"] < MAX_CHATS
+    ]
+    assert len(every) == len(free) > 16
+    assert sorted(c.active for c in every) == sorted(s["assigned"] + s["pending"] for s in free)
+    for n, head in heads.items():
+        assert head == leastrecent(every)[:n], n
+
+
+def test_a_conversation_everyone_at_the_head_missed_goes_to_the_next_counselor_in_order(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three counselors let it lapse; reading two at first, the round reads on to the fourth."""
+    monkeypatch.setattr(hunt, "FIRST_CANDIDATES", 2)
+
+    async def body(core: Core) -> list[tuple[str, int, str]]:
+        ids = await add_counselors(core, [{"last_assigned_at": float(i)} for i in range(6)])
+        async with core.tx() as tx:
+            bot_id = await tx.session.scalar(select(User.id).where(User.username == "bot"))
+            assert bot_id is not None
+            conv = conversation(bot_id, ConversationStatus.QUEUED)
+            tx.session.add(conv)
+            for uid in ids[:3]:  # the three least recent let it lapse (retry gap: 60 s)
+                tx.session.add(offer(conv.id, uid, OfferStatus.TIMED_OUT, deadline=T0 + 1))
+        await Hunter(core).step()
+        async with core.sessionmaker() as session:
+            rows = (await session.execute(select(Offer.conversation_id, Offer.counselor_id, Offer.status))).all()
+        return [(c, ids.index(u), s) for c, u, s in rows if s == OfferStatus.PENDING]
+
+    pending = run_with_core(database_url, tmp_path, rapidpro, body)
+    assert [(who, status) for _, who, status in pending] == [(3, OfferStatus.PENDING)]
+
+
+def test_a_burst_longer_than_the_head_reaches_as_many_counselors_as_it_needs(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven queued at once, room for one more each: the seven least recent get one offer each,
+    in queue order, though a round reads two counselors at first."""
+    monkeypatch.setattr(hunt, "FIRST_CANDIDATES", 2)
+    order = [5, 0, 8, 2, 7, 1, 9, 3, 6, 4]  # last_assigned_at per counselor: least recent first is 1, 5, 3...
+
+    async def body(core: Core) -> list[tuple[int, int]]:
+        ids = await add_counselors(core, [{"last_assigned_at": float(a), "assigned": MAX_CHATS - 1} for a in order])
+        queued = []
+        async with core.tx() as tx:
+            bot_id = await tx.session.scalar(select(User.id).where(User.username == "bot"))
+            assert bot_id is not None
+            for i in range(7):
+                conv = conversation(bot_id, ConversationStatus.QUEUED, at=T0 + i)
+                tx.session.add(conv)
+                queued.append(conv.id)
+        await Hunter(core).step()
+        async with core.sessionmaker() as session:
+            rows = (
+                await session.execute(
+                    select(Offer.conversation_id, Offer.counselor_id).where(Offer.status == OfferStatus.PENDING)
+                )
+            ).all()
+        return sorted((queued.index(c), ids.index(u)) for c, u in rows if c in queued)
+
+    made = run_with_core(database_url, tmp_path, rapidpro, body)
+    by_recency = sorted(range(len(order)), key=lambda i: order[i])
+    assert made == list(enumerate(by_recency[:7]))
