@@ -85,7 +85,29 @@ def _gc_off() -> None:
     gc.disable()
 
 
+def _candidates_cached() -> None:
+    """Hunting reuses each site's candidate list for 5 s (wrong: capacities go stale), to size
+    what counting every counselor's conversations in each round costs at scale."""
+    import time
+
+    import helpline.routing.hunt as hunt_mod
+
+    original = hunt_mod.candidates
+    cache: dict[str, tuple[float, Any]] = {}
+
+    async def candidates(session: Any, site: Any, t: float) -> Any:
+        hit = cache.get(site.slug)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        found = await original(session, site, t)
+        cache[site.slug] = (time.monotonic() + 5.0, found)
+        return found
+
+    hunt_mod.candidates = candidates  # type: ignore[assignment]
+
+
 EXPERIMENTS = {
+    "candidates-cached": _candidates_cached,
     "gc-off": _gc_off,
     "sqlite-single-connection": _single_sqlite_connection,
     "auth-cache": _auth_cache,
