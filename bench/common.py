@@ -699,7 +699,8 @@ def _replace_section(text: str, name: str, body: str, *, before: str | None = No
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-ORDER = ["inbound", "hunting", "scale", "recovery"]
+# Sections of RESULTS.md, in order; ``-pg``: the same bench run with ``--db pg``.
+ORDER = ["inbound", "hunting", "hunting-pg", "scale", "scale-pg", "recovery"]
 
 HEADER = """# Benchmark results
 
@@ -744,6 +745,9 @@ def _render_summary() -> str:
 
 
 def print_result(res: Result) -> None:
+    """Print the table; everything measured also goes to ``bench/.work/<name>-last.json``, written or not."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / f"{res.name}-last.json").write_text(json.dumps(asdict(res), indent=2, default=str) + "\n")
     print()
     print(f"== {res.title}  ({res.date})")
     width = max(len(r.metric) for r in res.rows) if res.rows else 10

@@ -1,7 +1,9 @@
 """One hunting round at scale, timed in-process: the whole round and the candidate query in it.
 
 Runs on a copy of the SQLite database that ``python -m bench.scale`` leaves in ``bench/.work``
-(990 counselors of ``ke``, 10,000 assigned conversations): every counselor is made available and
+(990 counselors of ``ke``, 10,000 assigned conversations), or with ``--pg`` on the ``bench``
+PostgreSQL database that ``python -m bench.scale --db pg`` leaves (in place; the next bench run
+resets it anyway): every counselor is made available and
 every pending offer read, then ``--rounds`` times a new conversation is queued and one round of
 ``Hunter.step`` offers it. Prints p50/p90/max in ms (the first ``--warmup`` rounds left out).
 Nothing is written to RESULTS.md: quote its output there with the command.
@@ -23,7 +25,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 import helpline.routing.hunt as hunt_mod
-from bench.common import WORK
+from bench.common import PG_URL, WORK
 from helpline.domain.core import Core, now
 from helpline.domain.sites import SiteRegistry
 from helpline.domain.states import ConversationStatus, OfferStatus
@@ -40,8 +42,8 @@ def summary(name: str, seconds: list[float]) -> str:
     return f"{name}: p50 {statistics.median(ms):.2f} ms, p90 {p90:.2f} ms, max {ms[-1]:.2f} ms ({len(ms)} rounds)"
 
 
-async def run(db: Path, sites: Path, rounds: int, warmup: int) -> None:
-    settings = Settings(database_url=f"sqlite+aiosqlite:///{db}", sites=str(sites))
+async def run(url: str, sites: Path, rounds: int, warmup: int) -> None:
+    settings = Settings(database_url=url, sites=str(sites))
     core = Core(settings, SiteRegistry.from_toml(settings.sites))
     try:
         await upgrade(core.engine)
@@ -96,17 +98,21 @@ async def run(db: Path, sites: Path, rounds: int, warmup: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", type=Path, default=WORK / "scale.db", help="left by bench.scale (copied, not changed)")
+    ap.add_argument("--pg", action="store_true", help=f"on {PG_URL} instead (left by bench.scale --db pg)")
     ap.add_argument("--sites", type=Path, default=WORK / "sites-scale.toml")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args()
+    if args.pg:
+        asyncio.run(run(PG_URL, args.sites, args.rounds, args.warmup))
+        return
     if not args.db.exists():
         raise SystemExit(f"{args.db} not found: run `python -m bench.scale --no-write` first")
     copy = WORK / "hunt-round.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{copy}{suffix}").unlink(missing_ok=True)
     shutil.copy(args.db, copy)
-    asyncio.run(run(copy, args.sites, args.rounds, args.warmup))
+    asyncio.run(run(f"sqlite+aiosqlite:///{copy}", args.sites, args.rounds, args.warmup))
 
 
 if __name__ == "__main__":

@@ -219,7 +219,11 @@ def main() -> None:
         args.count, args.lapse_count, args.lapse_duration = 100, 20, 5.0
     kind = SQLITE if args.db == "sqlite" else PG
 
-    res = Result("hunting", "3. Hunting: queue -> offer, lapse -> re-hunt", command_line("bench.hunting"))
+    res = Result(
+        "hunting" if args.db == "sqlite" else "hunting-pg",
+        f"3. Hunting: queue -> offer, lapse -> re-hunt ({'SQLite' if args.db == 'sqlite' else 'PostgreSQL'})",
+        command_line("bench.hunting"),
+    )
     res.machine["busy_before"] = f"{wait_quiet(args.quiet_wait):.2f}"
     fake = start_fake_rapidpro()
     try:

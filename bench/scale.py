@@ -96,8 +96,9 @@ def main() -> None:
         args.max_chats = math.ceil((args.conversations + args.offer_count + 20) / ke)
 
     res = Result(
-        "scale",
-        f"4. Scale: {args.conversations:,} open conversations, {args.counselors:,} counselor WebSockets",
+        "scale" if args.db == "sqlite" else "scale-pg",
+        f"4. Scale: {args.conversations:,} open conversations, {args.counselors:,} counselor WebSockets "
+        f"({'SQLite' if args.db == 'sqlite' else 'PostgreSQL'})",
         command_line("bench.scale"),
     )
     res.machine["busy_before"] = f"{wait_quiet(args.quiet_wait):.2f}"

@@ -91,8 +91,9 @@ def _candidates_cached() -> None:
     import time
 
     import helpline.routing.hunt as hunt_mod
+    from helpline.routing import presence
 
-    original = hunt_mod.candidates
+    original = presence.candidates
     cache: dict[str, tuple[float, Any]] = {}
 
     async def candidates(session: Any, site: Any, t: float) -> Any:
@@ -103,10 +104,93 @@ def _candidates_cached() -> None:
         cache[site.slug] = (time.monotonic() + 5.0, found)
         return found
 
-    hunt_mod.candidates = candidates  # type: ignore[assignment]
+    setattr(hunt_mod, "candidates", candidates)  # noqa: B010 (the hunter's own reference)
+
+
+def _trace_offers() -> None:
+    """Timestamps (wall clock) along an offer's way, as JSON lines in ``bench/.work/trace-offers.jsonl``:
+    hunter woken, round start and end, each offer event delivered to the hub (after the commit,
+    directly or back from PostgreSQL's bus) and handed to its WebSocket."""
+    import json
+    import time
+    from pathlib import Path
+
+    import orjson
+
+    import helpline.api.ws as ws_mod
+    import helpline.domain.core as core_mod
+    import helpline.routing.hunt as hunt_mod
+    from helpline.domain.events import EventHub
+
+    out = (Path(__file__).parent / ".work" / "trace-offers.jsonl").open("w", buffering=1)
+
+    def trace(what: str, **data: Any) -> None:
+        out.write(json.dumps({"what": what, "t": time.time(), **data}) + "\n")
+
+    step = hunt_mod.Hunter.step
+
+    async def traced_step(self: Any) -> float:
+        trace("round_start", woken=self.core.hunter_wakeup.is_set())
+        try:
+            return await step(self)
+        finally:
+            trace("round_end")
+
+    hunt_mod.Hunter.step = traced_step  # type: ignore[method-assign]
+    publish = EventHub.publish
+
+    def traced_publish(self: Any, user_id: int, event: Any) -> None:
+        if event.get("type") == "offer":
+            offer = event["offer"]
+            queued = offer["conversation"].get("queued_at")
+            trace("publish", offer=offer["id"], created=offer.get("created_at"), queued=queued)
+        publish(self, user_id, event)
+
+    EventHub.publish = traced_publish  # type: ignore[method-assign]
+
+    class _Orjson:  # what helpline.api.ws uses of orjson, noting each offer it serialises
+        JSONDecodeError = orjson.JSONDecodeError
+        loads = staticmethod(orjson.loads)
+
+        @staticmethod
+        def dumps(obj: Any) -> bytes:
+            if isinstance(obj, dict) and obj.get("type") == "offer":
+                trace("ws_send", offer=obj["offer"]["id"])
+            return orjson.dumps(obj)
+
+    setattr(ws_mod, "orjson", _Orjson)  # noqa: B010
+    wakeup_set = core_mod.Core.deliver
+
+    def traced_deliver(self: Any, msg: Any) -> None:
+        if "hunter" in msg.get("wake", ()):
+            trace("bus_wake")
+        wakeup_set(self, msg)
+
+    core_mod.Core.deliver = traced_deliver  # type: ignore[method-assign]
+
+    import asyncio
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def task_name() -> str:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            return "-"
+        return task.get_name() if task is not None else "-"
+
+    @event.listens_for(Engine, "before_cursor_execute")
+    def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        trace("sql_start", sql=" ".join(statement.split())[:60], task=task_name())
+
+    @event.listens_for(Engine, "after_cursor_execute")
+    def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        trace("sql_end", task=task_name())
 
 
 EXPERIMENTS = {
+    "trace-offers": _trace_offers,
     "candidates-cached": _candidates_cached,
     "gc-off": _gc_off,
     "sqlite-single-connection": _single_sqlite_connection,
