@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import Table, bindparam, func, or_, select, update
+from sqlalchemy import BindParameter, Float, Table, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Subquery
 
@@ -144,6 +144,84 @@ def _heads() -> Subquery:
         .subquery()
     )
 
+
+# The worker's statements, built once and run with parameters: building one (aliases, subqueries,
+# its cache key) costs more CPU than the database takes to run it, several times per event.
+_O = _OUTBOX.c
+_T = bindparam("t", type_=Float)
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+_HEADS = _heads()
+_SCAN = (
+    select(_O.conversation_id, _O.id, _O.next_attempt_at, _O.claimed_until)
+    .select_from(_OUTBOX.join(_HEADS, _HEADS.c.id == _O.id))
+    .order_by(_O.id)
+)
+# From the given events to their conversations' heads: per conversation one ``min(id)`` seek in
+# ix_outbox_heads, whatever its backlog (a ``GROUP BY conversation_id`` would read every pending
+# event of every candidate: 16 ms for 128 conversations of 100 on PostgreSQL).
+_GIVEN, _OTHER = _OUTBOX.alias("given"), _OUTBOX.alias("other")
+_HEAD_OF_GIVEN = (
+    select(func.min(_OTHER.c.id))
+    .where(_OTHER.c.status == "pending", _OTHER.c.conversation_id == _GIVEN.c.conversation_id)
+    .scalar_subquery()
+)
+_CLAIM = (
+    select(_O.id, _O.conversation_id, _O.site, _O.target, _O.event, _O.message_ref, _O.payload, _O.attempts)
+    # ``status`` again: on PostgreSQL a head another instance has just sent is re-checked here once
+    # its lock is released (the subquery saw it still pending). ``|| ''`` keeps SQLite on the
+    # primary key (see _RECORD_SENT).
+    .where(
+        _O.id.in_(select(_HEAD_OF_GIVEN).where(_GIVEN.c.id.in_(_IDS))),
+        _O.status.concat("") == "pending",
+        _O.next_attempt_at <= _T,
+        _O.claimed_until < _T,
+    )
+    .with_for_update(skip_locked=True, of=_OUTBOX)
+)
+_LEASE = update(_OUTBOX).where(_O.id.in_(_IDS)).values(claimed_until=bindparam("lease", type_=Float))
+_RECORD_SENT = (
+    update(_OUTBOX)
+    # ``status || ''``: by the primary key. On ``status = ?`` with an id list SQLite's planner
+    # picks ix_outbox_due (status, ...) and walks every pending row instead (90 µs per event at
+    # 100,000 pending, against 24 µs).
+    .where(_O.id.in_(_IDS), _O.status.concat("") == "pending")
+    .values(status="sent", sent_at=_T, attempts=_O.attempts + 1, claimed_until=0.0, last_error=None)
+    .returning(_O.site, _O.event, _O.message_ref)
+)
+_RECORD_RETRY = (
+    update(_OUTBOX)
+    .where(_O.id == bindparam("b_id"), _O.status == "pending")
+    .values(
+        attempts=bindparam("b_attempts"),
+        next_attempt_at=bindparam("b_next"),
+        claimed_until=0.0,
+        last_error=bindparam("b_error"),
+    )
+)
+_RECORD_DEAD = (
+    update(_OUTBOX)
+    .where(_O.id == bindparam("b_id"), _O.status == "pending")
+    .values(status="dead", attempts=bindparam("b_attempts"), claimed_until=0.0, last_error=bindparam("b_error"))
+)
+_M = _MESSAGES.c
+_MESSAGE_CHANGED = (_M.id, _M.conversation_id, _M.external_id, _M.counselor_id, _M.status)
+# A counselor message is ``sent`` once all its parts are, ``failed`` if one is dead.
+_MESSAGES_SENT = (
+    update(_MESSAGES)
+    .where(
+        _M.id.in_(_IDS),
+        _M.status == "pending",
+        ~select(_O.id).where(_O.message_ref == _M.id, _O.status == "pending").exists(),
+    )
+    .values(status="sent", status_at=_T)
+    .returning(*_MESSAGE_CHANGED)
+)
+_MESSAGES_FAILED = (
+    update(_MESSAGES)
+    .where(_M.id.in_(_IDS), _M.status.in_(("pending", "sent")))
+    .values(status="failed", status_at=_T)
+    .returning(*_MESSAGE_CHANGED)
+)
 
 _RETRY_STEP_S = 0.1  # after a failed turn (the store failed), before the next
 
@@ -403,15 +481,9 @@ class OutboxWorker:
         """All heads: the due ones join the line, the others get a timer. Read-only, no lock."""
         started = time.monotonic()
         t = now()
-        heads = _heads()
-        q = (
-            select(_OUTBOX.c.conversation_id, _OUTBOX.c.id, _OUTBOX.c.next_attempt_at, _OUTBOX.c.claimed_until)
-            .select_from(_OUTBOX.join(heads, heads.c.id == _OUTBOX.c.id))
-            .order_by(_OUTBOX.c.id)
-        )
         try:
             async with self.core.sessionmaker() as session:
-                rows = (await session.execute(q)).all()
+                rows = (await session.execute(_SCAN)).all()
         except Exception:
             log.exception("outbox scan failed")
             rows = []
@@ -444,35 +516,14 @@ class OutboxWorker:
         return claimed, resumed
 
     async def _claim(self, session: AsyncSession, candidates: dict[str, int], t: float) -> list[_Claimed]:
-        """Lease the due, unclaimed heads of these conversations (each given by one of its events).
-
-        From the given events to their conversations' heads: per conversation one ``min(id)`` seek
-        in ix_outbox_heads, whatever its backlog (a ``GROUP BY conversation_id`` would read every
-        pending event of every candidate: 16 ms for 128 conversations of 100 on PostgreSQL)."""
+        """Lease the due, unclaimed heads of these conversations (each given by one of its events)."""
         if not candidates:
             return []
-        o = _OUTBOX.c
-        given, other = _OUTBOX.alias("given"), _OUTBOX.alias("other")
-        head = (
-            select(func.min(other.c.id))
-            .where(other.c.status == "pending", other.c.conversation_id == given.c.conversation_id)
-            .scalar_subquery()
-        )
-        heads = select(head).where(given.c.id.in_(list(candidates.values())))
-        rows = (
-            await session.execute(
-                select(o.id, o.conversation_id, o.site, o.target, o.event, o.message_ref, o.payload, o.attempts)
-                # ``status`` again: on PostgreSQL a head another instance has just sent is re-checked
-                # here once its lock is released (the subquery saw it still pending). ``|| ''`` keeps
-                # SQLite on the primary key (see _record).
-                .where(o.id.in_(heads), o.status.concat("") == "pending", o.next_attempt_at <= t, o.claimed_until < t)
-                .with_for_update(skip_locked=True, of=_OUTBOX)
-            )
-        ).all()
+        rows = (await session.execute(_CLAIM, {"ids": list(candidates.values()), "t": t})).all()
         if not rows:
             return []
         lease = t + self.core.settings.outbox_lease_s
-        await session.execute(update(_OUTBOX).where(o.id.in_([r.id for r in rows])).values(claimed_until=lease))
+        await session.execute(_LEASE, {"ids": [r.id for r in rows], "lease": lease})
         order = {conv: i for i, conv in enumerate(candidates)}
         claimed = [_Claimed(*r) for r in rows]
         claimed.sort(key=lambda c: order.get(c.conversation_id, len(order)))
@@ -502,22 +553,11 @@ class OutboxWorker:
 
     async def _record(self, tx: Tx, done: list[_Done], t: float) -> None:
         """The outcomes of a batch: a few statements, whatever its size."""
-        o = _OUTBOX.c
         session = tx.session
         sent_ids = [d.ev.id for d in done if d.outcome.kind == "sent"]
         sent_refs: list[int] = []
         if sent_ids:
-            rows = (
-                await session.execute(
-                    update(_OUTBOX)
-                    # ``status || ''``: by the primary key. On ``status = ?`` with an id list SQLite's
-                    # planner picks ix_outbox_due (status, ...) and walks every pending row instead
-                    # (90 µs per event at 100,000 pending, against 24 µs).
-                    .where(o.id.in_(sent_ids), o.status.concat("") == "pending")
-                    .values(status="sent", sent_at=t, attempts=o.attempts + 1, claimed_until=0.0, last_error=None)
-                    .returning(o.site, o.event, o.message_ref)
-                )
-            ).all()
+            rows = (await session.execute(_RECORD_SENT, {"ids": sent_ids, "t": t})).all()
             counts = collections.Counter((r.site, r.event) for r in rows)
             for (site, event), n in counts.items():
                 metrics.OUTBOX_SENT.labels(site, event).inc(n)
@@ -525,14 +565,7 @@ class OutboxWorker:
         retries = [d for d in done if d.outcome.kind == "retry"]
         if retries:
             await session.execute(
-                update(_OUTBOX)
-                .where(o.id == bindparam("b_id"), o.status == "pending")
-                .values(
-                    attempts=bindparam("b_attempts"),
-                    next_attempt_at=bindparam("b_next"),
-                    claimed_until=0.0,
-                    last_error=bindparam("b_error"),
-                ),
+                _RECORD_RETRY,
                 [
                     {
                         "b_id": d.ev.id,
@@ -555,11 +588,7 @@ class OutboxWorker:
         dead = [d for d in done if d.outcome.kind == "dead"]
         if dead:
             await session.execute(
-                update(_OUTBOX)
-                .where(o.id == bindparam("b_id"), o.status == "pending")
-                .values(
-                    status="dead", attempts=bindparam("b_attempts"), claimed_until=0.0, last_error=bindparam("b_error")
-                ),
+                _RECORD_DEAD,
                 [{"b_id": d.ev.id, "b_attempts": d.attempts, "b_error": d.outcome.reason} for d in dead],
             )
             for d in dead:
@@ -577,27 +606,11 @@ class OutboxWorker:
 
 async def _update_message_status(tx: Tx, *, sent: list[int], failed: list[int], t: float) -> None:
     """A counselor message is ``sent`` once all its parts are, ``failed`` if one is dead."""
-    m = _MESSAGES.c
     changed: list[Any] = []
     if sent:
-        parts_left = select(_OUTBOX.c.id).where(_OUTBOX.c.message_ref == m.id, _OUTBOX.c.status == "pending").exists()
-        changed += (
-            await tx.session.execute(
-                update(_MESSAGES)
-                .where(m.id.in_(sorted(set(sent))), m.status == "pending", ~parts_left)
-                .values(status="sent", status_at=t)
-                .returning(m.id, m.conversation_id, m.external_id, m.counselor_id, m.status)
-            )
-        ).all()
+        changed += (await tx.session.execute(_MESSAGES_SENT, {"ids": sorted(set(sent)), "t": t})).all()
     if failed:
-        changed += (
-            await tx.session.execute(
-                update(_MESSAGES)
-                .where(m.id.in_(sorted(set(failed))), m.status.in_(("pending", "sent")))
-                .values(status="failed", status_at=t)
-                .returning(m.id, m.conversation_id, m.external_id, m.counselor_id, m.status)
-            )
-        ).all()
+        changed += (await tx.session.execute(_MESSAGES_FAILED, {"ids": sorted(set(failed)), "t": t})).all()
     for row in sorted(changed, key=lambda r: r.id):
         if row.counselor_id is not None:
             tx.notify(
