@@ -106,12 +106,19 @@ _DUE = (
 )
 _DUE_AT_SITES = _DUE.where(Offer.site.in_(bindparam("sites", expanding=True)))
 
+# Missed: a counselor let it lapse or declined it. Read with the queue, so that only conversations
+# offered before cost a look at their offers (_MISSED): a new one costs no round trip more.
+_MISSED_ONCE = (
+    exists()
+    .where(Offer.conversation_id == Conversation.id, Offer.status.in_([OfferStatus.TIMED_OUT, OfferStatus.DECLINED]))
+    .label("missed")
+)
 _QUEUE = (
-    select(Conversation)
+    select(Conversation, _MISSED_ONCE)
     .where(Conversation.site == _SLUG, Conversation.status == ConversationStatus.QUEUED)
     .order_by(*notices.QUEUE_ORDER)
     .limit(BATCH)
-    .with_for_update(skip_locked=True)
+    .with_for_update(skip_locked=True, of=Conversation)
 )
 
 _ANY_QUEUED = (
@@ -317,10 +324,11 @@ class Hunter:
             if queued if queued is not None else await self._any_queued(tx, site):
                 await self._wake_after_wrapup(tx, site, t)
             return
-        waiting = (await tx.session.scalars(_QUEUE, {"slug": site.slug})).all()
-        if not waiting:
+        rows = (await tx.session.execute(_QUEUE, {"slug": site.slug})).all()
+        if not rows:
             return
-        missed = await self._missed(tx, [conv.id for conv in waiting])
+        waiting = [conv for conv, _ in rows]
+        missed = await self._missed(tx, [conv.id for conv, missed_once in rows if missed_once])
         more = first is not None and len(found) == first  # free counselors past the first few
         if more:
             # Enough of the order's head that each waiting conversation finds there the counselor
@@ -371,6 +379,8 @@ class Hunter:
 
     async def _missed(self, tx: Tx, conversation_ids: Sequence[str]) -> dict[str, dict[int, float]]:
         """Per conversation: the counselors who let it lapse or declined it, and when they last did."""
+        if not conversation_ids:
+            return {}
         rows = (await tx.session.execute(_MISSED, {"ids": list(conversation_ids)})).all()
         out: dict[str, dict[int, float]] = {}
         for cid, uid, at in rows:
