@@ -707,7 +707,7 @@ def _replace_section(text: str, name: str, body: str, *, before: str | None = No
 
 
 # Sections of RESULTS.md, in order; ``-pg``: the same bench run with ``--db pg``.
-ORDER = ["inbound", "hunting", "hunting-pg", "scale", "scale-pg", "recovery"]
+ORDER = ["inbound", "hunting", "hunting-pg", "scale", "scale-pg", "recovery", "recovery-pg"]
 
 HEADER = """# Benchmark results
 

@@ -288,7 +288,11 @@ def main() -> None:
     kind = SQLITE if args.db == "sqlite" else PG
     label = "SQLite: " if kind == SQLITE else "PostgreSQL: "
 
-    res = Result("recovery", "5. Recovery: outbox drain after a RapidPro outage", command_line("bench.recovery"))
+    res = Result(
+        "recovery" if args.db == "sqlite" else "recovery-pg",
+        f"5. Recovery: outbox drain after a RapidPro outage ({'SQLite' if args.db == 'sqlite' else 'PostgreSQL'})",
+        command_line("bench.recovery"),
+    )
     res.machine["busy_before"] = f"{wait_quiet(args.quiet_wait):.2f}"
     fake = start_fake_rapidpro()
     fake.go_down()
