@@ -9,10 +9,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,13 +20,11 @@ from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import select
 
-from conftest import PASSWORD, Env, sites_toml
+from conftest import PASSWORD, Env
 from helpline.domain import auth
 from helpline.domain.sites import SiteRegistry
-from helpline.settings import Settings
 from helpline.store.models import Offer
 from helpline.testing.fake_counselor import FakeCounselor
-from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer
 
 Event = dict[str, Any]
@@ -298,26 +295,6 @@ def test_capacity_a_full_counselor_gets_nothing_until_a_conversation_closes(make
 # --------------------------------------------------------------------------- wake-ups, timers, one round
 
 
-@pytest.fixture
-def env_without_polling(database_url: str, rapidpro: FakeRapidPro, tmp_path: Path) -> Iterator[Callable[..., Env]]:
-    """Like ``make_env``, with a poll interval of an hour: nothing but wake-ups and timers can
-    drive the hunter during a test."""
-    made: list[Env] = []
-
-    def make(**site_opts: Any) -> Env:
-        path = tmp_path / f"sites-no-polling{len(made)}.toml"
-        path.write_text(sites_toml(rapidpro, **site_opts))
-        settings = Settings(database_url=database_url, sites=str(path), poll_interval_s=3600.0)
-        env = Env(LiveServer(settings, SiteRegistry.from_toml(path)).start(), rapidpro)
-        made.append(env)
-        return env
-
-    yield make
-    for env in made:
-        env.close()
-        env.server.stop()
-
-
 def offer_rows(env: Env, *ids: int) -> dict[int, tuple[str, float, float | None]]:
     """The stored status, created_at and resolved_at of offers ``ids``."""
 
@@ -332,9 +309,10 @@ def offer_rows(env: Env, *ids: int) -> dict[int, tuple[str, float, float | None]
 
 
 def test_hunting_needs_no_polling_joins_wake_it_deadlines_and_retry_gaps_are_timers(
-    env_without_polling: Callable[..., Env],
+    make_env: Callable[..., Env],
 ) -> None:
-    env = env_without_polling(offer_timeout_s=0.5, autopause=False, retry_gap_s=0.3)
+    # A poll interval of an hour: nothing but wake-ups and timers can drive the hunter.
+    env = make_env(settings={"poll_interval_s": 3600.0}, offer_timeout_s=0.5, autopause=False, retry_gap_s=0.3)
     bot = env.chatbot()
     amina = env.counselor("amina", join=False)
     assert bot.send("sess-wake", "hello").status_code == 201
