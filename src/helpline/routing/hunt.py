@@ -108,10 +108,9 @@ _DUE_AT_SITES = _DUE.where(Offer.site.in_(bindparam("sites", expanding=True)))
 
 # Missed: a counselor let it lapse or declined it. Read with the queue, so that only conversations
 # offered before cost a look at their offers (_MISSED): a new one costs no round trip more.
+_MISSED_STATUSES = (OfferStatus.TIMED_OUT, OfferStatus.DECLINED)
 _MISSED_ONCE = (
-    exists()
-    .where(Offer.conversation_id == Conversation.id, Offer.status.in_([OfferStatus.TIMED_OUT, OfferStatus.DECLINED]))
-    .label("missed")
+    exists().where(Offer.conversation_id == Conversation.id, Offer.status.in_(_MISSED_STATUSES)).label("missed")
 )
 _QUEUE = (
     select(Conversation, _MISSED_ONCE)
@@ -130,7 +129,7 @@ _MISSED = (
     select(Offer.conversation_id, Offer.counselor_id, func.max(func.coalesce(Offer.resolved_at, Offer.created_at)))
     .where(
         Offer.conversation_id.in_(bindparam("ids", expanding=True)),
-        Offer.status.in_([OfferStatus.TIMED_OUT, OfferStatus.DECLINED]),
+        Offer.status.in_(_MISSED_STATUSES),
     )
     .group_by(Offer.conversation_id, Offer.counselor_id)
 )
