@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 import structlog
 from sqlalchemy import BindParameter, Float, Table, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql import Subquery
 
 from helpline import metrics
 from helpline.delivery.rapidpro import (
@@ -134,23 +133,14 @@ _OUTBOX: Table = OutboxEvent.__table__  # type: ignore[assignment]
 _MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 
 
-def _heads() -> Subquery:
-    """The oldest pending event of each conversation: the only one of its queue that may go.
-    One pass over the (status, conversation_id, id) index."""
-    return (
-        select(func.min(_OUTBOX.c.id).label("id"))
-        .where(_OUTBOX.c.status == "pending")
-        .group_by(_OUTBOX.c.conversation_id)
-        .subquery()
-    )
-
-
 # The worker's statements, built once and run with parameters: building one (aliases, subqueries,
 # its cache key) costs more CPU than the database takes to run it, several times per event.
 _O = _OUTBOX.c
 _T = bindparam("t", type_=Float)
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
-_HEADS = _heads()
+# The oldest pending event of each conversation: the only one of its queue that may go.
+# One pass over the (status, conversation_id, id) index.
+_HEADS = select(func.min(_O.id).label("id")).where(_O.status == "pending").group_by(_O.conversation_id).subquery()
 _SCAN = (
     select(_O.conversation_id, _O.id, _O.next_attempt_at, _O.claimed_until)
     .select_from(_OUTBOX.join(_HEADS, _HEADS.c.id == _O.id))
