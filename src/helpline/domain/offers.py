@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 
 from helpline import metrics
 from helpline.domain.core import Tx
@@ -59,13 +59,8 @@ def _requeue(tx: Tx, conv: Conversation, *, wake: bool = True) -> None:
 async def requeue_if_unoffered(tx: Tx, conversation_id: str) -> None:
     """An offered conversation with no pending offer left goes back to the queue, keeping its place."""
     conv = await tx.session.get(Conversation, conversation_id, with_for_update=True)
-    if conv is None or conv.status != ConversationStatus.OFFERED:
-        return
-    pending = await tx.session.scalar(
-        select(func.count()).where(Offer.conversation_id == conversation_id, Offer.status == OfferStatus.PENDING)
-    )
-    if not pending:
-        _requeue(tx, conv)
+    if conv is not None:
+        await requeue_unoffered(tx, [conv])
 
 
 # Those of conversations ``:ids`` that still have a pending offer (built once: see routing.hunt).
@@ -77,7 +72,8 @@ _STILL_OFFERED = (
 
 
 async def requeue_unoffered(tx: Tx, convs: Sequence[Conversation], *, wake: bool = True) -> list[Conversation]:
-    """:func:`requeue_if_unoffered` for several conversations (locked, loaded) in one query.
+    """The offered conversations of ``convs`` (locked, loaded) with no pending offer left go back
+    to the queue, keeping their place: one query for all of them.
 
     Returns those that went back to the queue. ``wake=False``: the caller (the hunter, after a
     lapse) hunts them again in the same transaction, so nobody needs waking for them.
