@@ -24,6 +24,8 @@ console = Console()
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(message)s")
+    # httpx logs one INFO line per request ("HTTP Request: POST ..."): one per outbox event.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import email.utils
 import json
-import logging
 import math
 import random
 import re
@@ -49,9 +48,6 @@ __all__ = [
     "parse_retry_after",
     "split_text",
 ]
-
-# httpx logs one INFO line per request ("HTTP Request: POST ..."): one log line per outbox event.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 PART_LIMIT = 640
 """RapidPro cuts every string value of ``params``/``extra`` to this many characters."""
