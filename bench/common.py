@@ -108,6 +108,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+class CpuWindow:
+    """The CPU a process spends from now on, per unit of work done."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._cpu0, self._t0 = cpu_seconds(pid), time.monotonic()
+
+    def per_conversation(self, count: int) -> dict[str, float]:
+        cpu, elapsed = cpu_seconds(self.pid) - self._cpu0, time.monotonic() - self._t0
+        return {"cpu_ms_per_conversation": 1000 * cpu / count, "cpu_busy": cpu / elapsed, "cpu_window_s": elapsed}
+
+
+def python_speed_ms() -> float:
+    """How fast this machine runs plain Python right now: a fixed loop (best of 5), in ms. Machines
+    of the same kind differ (2-3x was seen between sessions): compare figures by this first."""
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t)
+    return 1000 * best
+
+
 def _cpu_jiffies() -> tuple[int, int]:
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
@@ -176,6 +201,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "python": platform.python_version(),
+        "python_speed_ms": f"{python_speed_ms():.0f}",
     }
 
 
@@ -667,11 +693,14 @@ def render_table(rows: Sequence[Row]) -> str:
 def render_section(res: Result) -> str:
     m = res.machine
     free = "\n".join("    " + line for line in m["free_h"].splitlines())
+    speed = ""
+    if "python_speed_ms" in m:
+        speed = f"; speed: {m['python_speed_ms']} ms for a fixed Python loop (lower is faster)"
     parts = [
         f"## {res.title}",
         "",
         f"- date: {res.date}",
-        f"- machine: {m['nproc']} cores (`nproc`), {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- machine: {m['nproc']} cores (`nproc`), {m['cpu']}, Linux {m['kernel']}, Python {m['python']}{speed}",
         f"- other work on the machine: {m.get('busy_before', '?')} cores busy just before the run; load average"
         f" (1/5/15 min) at start {m.get('loadavg_start', '?')}, at end {m.get('loadavg_end', '?')}",
         "- `free -h`:",
@@ -756,7 +785,7 @@ def print_result(res: Result) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / f"{res.name}-last.json").write_text(json.dumps(asdict(res), indent=2, default=str) + "\n")
     print()
-    print(f"== {res.title}  ({res.date})")
+    print(f"== {res.title}  ({res.date}; Python speed {res.machine.get('python_speed_ms', '?')} ms)")
     width = max(len(r.metric) for r in res.rows) if res.rows else 10
     for r in res.rows:
         verdict = "" if r.met is None else ("MET" if r.met else "NOT MET")

@@ -34,6 +34,7 @@ from bench.common import (
     SQLITE,
     WORK,
     Counselors,
+    CpuWindow,
     Result,
     ServerProcess,
     add_common_args,
@@ -164,6 +165,14 @@ def add_rows(res: Result, label: str, offers: dict[str, Any], lapses: dict[str, 
     )
     p = offers["post_send_to_ws_ms"]
     res.row(f"{label}POST sent -> offer on WS p99", p["p99"], "ms", note=f"p50 {p['p50']:.1f} ms")
+    if "cpu_ms_per_conversation" in offers:
+        res.row(
+            f"{label}server CPU per new conversation",
+            offers["cpu_ms_per_conversation"],
+            "ms",
+            note="its POST, hunt, offer, read and outbox events; server "
+            f"{offers['cpu_busy']:.2f} cores busy over {offers['cpu_window_s']:.1f} s (compare runs by this)",
+        )
     w = lapses["withdrawn_after_deadline_ms"]
     r = lapses["reoffer_after_deadline_ms"]
     res.row(
@@ -247,6 +256,7 @@ def main() -> None:
             crowd = Counselors(srv.url, users_file)
             try:
                 crowd.ready()
+                cpu = CpuWindow(srv.pid)
                 posted = post_new(srv.url, bot.token, prefix="h-", count=args.count, rate=args.rate)
                 crowd.wait_until("offers", args.count, timeout=120)
                 time.sleep(0.5)
@@ -254,6 +264,7 @@ def main() -> None:
                 # Each read offer queued "assigned" + "ack" for RapidPro: let that drain before the lapses.
                 crowd.wait_until("reads_ok", args.count, timeout=120)
                 settle_s, left = settle_outbox(fake, 2 * args.count, args.settle_timeout)
+                offers.update(cpu.per_conversation(args.count))
                 lapses = measure_lapses(
                     crowd,
                     srv.url,

@@ -33,6 +33,7 @@ from bench.common import (
     SQLITE,
     WORK,
     Counselors,
+    CpuWindow,
     Result,
     ServerProcess,
     add_common_args,
@@ -169,6 +170,7 @@ def main() -> None:
                 d["latency"] = crowd.ask("latency", reset=True)
 
                 crowd.ask("clear")
+                cpu = CpuWindow(srv.pid)
                 posted = post_new(srv.url, bot.token, prefix="so-", count=args.offer_count, rate=args.offer_rate)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
@@ -182,6 +184,8 @@ def main() -> None:
                 crowd.wait_until("reads_ok", args.offer_count + (args.conversations if args.seed == "api" else 0), 60)
                 expected = 2 * (args.offer_count + (args.conversations if args.seed == "api" else 0))
                 d["outbox_settle_s"], d["outbox_left"] = settle_outbox(fake, expected, 60)
+                if args.seed == "store":  # with "api", the setup's conversations are still settling
+                    d["offers"].update(cpu.per_conversation(args.offer_count))
                 d["lapses"] = measure_lapses(
                     crowd,
                     srv.url,

@@ -168,7 +168,19 @@ def _trace_offers() -> None:
 
     core_mod.Core.deliver = traced_deliver  # type: ignore[method-assign]
 
+
+def _trace_sql() -> None:
+    """With ``trace-offers``: every statement's start and end, with its asyncio task (heavy: it
+    slows the server down several times; for the order of things, not their duration)."""
     import asyncio
+    import json
+    import time
+    from pathlib import Path
+
+    out = (Path(__file__).parent / ".work" / "trace-sql.jsonl").open("w", buffering=1)
+
+    def trace(what: str, **data: Any) -> None:
+        out.write(json.dumps({"what": what, "t": time.time(), **data}) + "\n")
 
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
@@ -191,6 +203,7 @@ def _trace_offers() -> None:
 
 EXPERIMENTS = {
     "trace-offers": _trace_offers,
+    "trace-sql": _trace_sql,
     "candidates-cached": _candidates_cached,
     "gc-off": _gc_off,
     "sqlite-single-connection": _single_sqlite_connection,
