@@ -15,7 +15,7 @@ from helpline.domain import notices
 from helpline.domain.auth import Principal, Role
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, refreshed_contact, repeat_answer
+from helpline.domain.inbound import Answer, ChatIn, Handback, InboundBatcher, refreshed_contact, repeat_answer
 from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
 from helpline.store.db import is_sqlite
@@ -37,33 +37,38 @@ async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str |
     if core.inbound is None:
         core.inbound = InboundBatcher(core, max_in_flight=1 if is_sqlite(core.settings.database_url) else 4)
     answer = await core.inbound.submit(who, msg, path_site)  # a message continuing a conversation
-    if answer is not None:
+    if isinstance(answer, Answer):
         return answer
     try:
-        return await _post_chat(core, who, msg, path_site=path_site)
+        return await _post_chat(core, who, msg, path_site=path_site, new=answer is Handback.NEW)
     except IntegrityError:
         # A concurrent request with the same message_id or chat_session won the race: its row is
         # committed now, so the second try finds it (a repeat, or the conversation to add to).
         return await _post_chat(core, who, msg, path_site=path_site)
 
 
-async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
+async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None, new: bool = False) -> Answer:
+    """``new``: the inbound batch has just found neither the message_id nor the conversation, so they
+    are not read again; one created since trips a unique constraint (IntegrityError: the caller
+    tries again without ``new``)."""
     t = now()
     async with core.tx() as tx:
         s = tx.session
-        if msg.message_id is not None:
-            first = await s.scalar(
-                select(IdempotencyKey.response).where(
-                    IdempotencyKey.chatbot_id == who.id, IdempotencyKey.message_id == msg.message_id
+        conv: Conversation | None = None
+        if not new:
+            if msg.message_id is not None:
+                first = await s.scalar(
+                    select(IdempotencyKey.response).where(
+                        IdempotencyKey.chatbot_id == who.id, IdempotencyKey.message_id == msg.message_id
+                    )
                 )
+                if first is not None:
+                    return repeat_answer(first, msg)
+            conv = await s.scalar(
+                select(Conversation)
+                .where(Conversation.chatbot_id == who.id, Conversation.chat_session == msg.chat_session)
+                .with_for_update()
             )
-            if first is not None:
-                return repeat_answer(first, msg)
-        conv = await s.scalar(
-            select(Conversation)
-            .where(Conversation.chatbot_id == who.id, Conversation.chat_session == msg.chat_session)
-            .with_for_update()
-        )
         created = conv is None
         if conv is None:
             site = core.sites.choose(path_slug=path_site, location=msg.location, home=who.site)
@@ -88,10 +93,11 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
                 created_at=t,
                 queued_at=t,
             )
+            # Told before it is added: its INSERT then carries what it was told (no UPDATE after it).
+            await notices.conversation_created(core, tx, conv, t)  # queued, or out_of_hours
             s.add(conv)
             tx.wake_hunter = True
             queue_changed = True
-            await notices.conversation_created(core, tx, conv, t)  # queued, or out_of_hours
         else:
             if path_site is not None and path_site not in (conv.site, conv.origin_site):
                 raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
@@ -116,7 +122,6 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
             status_at=t,
         )
         s.add(m)
-        await s.flush()
         body = {
             "status": "success",
             "uuid": m.uuid,
@@ -137,6 +142,7 @@ async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str 
                 )
             )
         if conv.status == ConversationStatus.ASSIGNED and conv.counselor_id is not None:
+            await s.flush()  # the message's id, for its view
             # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
             tx.notify(conv.counselor_id, "message", message=message_view(m))
         if queue_changed:

@@ -6,15 +6,18 @@ one transaction: one read of the idempotency keys, one read (and lock) of the co
 multi-row INSERT of the messages and one of the keys, one commit. Each request gets its own
 answer (or its own error) only after that commit, so a 201 still means "stored".
 
-What the batch does not handle is handed back (``None``) to the caller's one-message path in
-``domain.conversations``: a new conversation (its routing, notices and hunter wake-up). If the
-batch's transaction fails as a whole (a constraint a concurrent writer tripped, say), every
-request in it is handed back too, and each is retried alone: one bad message fails only itself.
+What the batch does not handle is handed back to the caller's one-message path in
+``domain.conversations``: a new conversation (``Handback.NEW``: its routing, notices and hunter
+wake-up; the batch's read is not repeated there, a conversation created meanwhile trips the unique
+constraint and that path starts again). If the batch's transaction fails as a whole (a constraint a
+concurrent writer tripped, say), every request in it is handed back too (``Handback.ALONE``), and
+each is retried alone: one bad message fails only itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import uuid
 from collections.abc import Iterable
@@ -63,12 +66,19 @@ class Answer:
     body: dict[str, Any]
 
 
+class Handback(enum.Enum):
+    """Why the batch hands a message back to the one-message path."""
+
+    NEW = "new"  # neither its message_id nor its conversation was there when the batch read them
+    ALONE = "alone"  # the batch's transaction failed: the message is retried alone
+
+
 @dataclass
 class _Item:
     who: Principal
     msg: ChatIn
     path_site: str | None
-    future: asyncio.Future[Answer | None]
+    future: asyncio.Future[Answer | Handback]
 
 
 def repeat_answer(first: str, msg: ChatIn) -> Answer:
@@ -96,10 +106,10 @@ class InboundBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._kick_scheduled = False
 
-    async def submit(self, who: Principal, msg: ChatIn, path_site: str | None) -> Answer | None:
-        """Store ``msg`` with others; its answer, or None: take the one-message path."""
+    async def submit(self, who: Principal, msg: ChatIn, path_site: str | None) -> Answer | Handback:
+        """Store ``msg`` with others; its answer, or why it takes the one-message path."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer | None] = loop.create_future()
+        future: asyncio.Future[Answer | Handback] = loop.create_future()
         self._waiting.append(_Item(who, msg, path_site, future))
         if not self._kick_scheduled:
             # After the requests already runnable in this turn of the loop have handed theirs over.
@@ -126,14 +136,14 @@ class InboundBatcher:
             metrics.INBOUND_BATCH_FAILED.inc()
             log.info("inbound_batch_retried_alone", size=len(batch), error=type(exc).__name__)
         finally:
-            for item in batch:  # handed back (None): each goes alone, by the one-message path
+            for item in batch:  # handed back: each goes alone, by the one-message path
                 if not item.future.done():
-                    item.future.set_result(None)
+                    item.future.set_result(Handback.ALONE)
 
     async def _write(self, batch: list[_Item]) -> None:
         metrics.INBOUND_BATCH.observe(len(batch))
         t = now()
-        outcomes: list[Answer | Exception | None] = [None] * len(batch)
+        outcomes: list[Answer | Exception | Handback] = [Handback.ALONE] * len(batch)
         async with self.core.tx() as tx:
             conn = await tx.session.connection()
             firsts: dict[tuple[int, str], str] = {}
@@ -178,7 +188,8 @@ class InboundBatcher:
                         continue
                     conv = convs.get((it.who.id, msg.chat_session))
                     if conv is None:
-                        continue  # a new conversation: the one-message path
+                        outcomes[i] = Handback.NEW  # the one-message path creates it
+                        continue
                     if it.path_site is not None and it.path_site not in (conv["site"], conv["origin_site"]):
                         raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
                     if conv["status"] == ConversationStatus.CLOSED:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import Float, Integer, String, and_, bindparam, func, or_, select
+from sqlalchemy import Float, Integer, String, and_, bindparam, cast, func, literal, or_, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.delivery.outbox import contact_site, enqueue_event
@@ -74,6 +74,15 @@ _AHEAD = select(func.count()).where(
 )
 
 
+# Both at once for a conversation joining a queue: (0, how many come before it) and (1, a recent
+# wait) rows, one round trip.
+_RECENT = _RECENT_WAITS.subquery()
+_AHEAD_AND_WAITS = union_all(
+    _AHEAD.with_only_columns(literal(0), cast(func.count(), Float)),
+    select(literal(1), cast(_RECENT.c[0], Float)),
+)
+
+
 async def recent_waits(session: AsyncSession, site: str, limit: int = RECENT_WAITS) -> list[float]:
     """How long the site's last ``limit`` assigned conversations waited (queued -> read)."""
     rows = await session.scalars(_RECENT_WAITS, {"site": site, "limit": limit})
@@ -85,6 +94,24 @@ async def position_of(session: AsyncSession, conv: Conversation) -> int:
     params = {"site": conv.site, "id": conv.id, "rank": conv.risk_rank, "queued_at": conv.queued_at}
     ahead = await session.scalar(_AHEAD, params)
     return 1 + int(ahead or 0)
+
+
+async def position_and_waits(session: AsyncSession, conv: Conversation) -> tuple[int, list[float]]:
+    """``position_of(conv)`` and ``recent_waits`` of its site, in one statement."""
+    params = {
+        "site": conv.site,
+        "id": conv.id,
+        "rank": conv.risk_rank,
+        "queued_at": conv.queued_at,
+        "limit": RECENT_WAITS,
+    }
+    ahead, waits = 0, []
+    for kind, value in (await session.execute(_AHEAD_AND_WAITS, params)).all():
+        if kind == 0:
+            ahead = int(value or 0)
+        elif value is not None:
+            waits.append(max(0.0, float(value)))
+    return 1 + ahead, waits
 
 
 def enter_queue(conv: Conversation, site: Site, t: float) -> None:
@@ -113,9 +140,10 @@ async def tell_queued(
 ) -> None:
     """``queued`` with the position and the estimated wait; position updates start from here."""
     site = core.site(conv.site)
-    position = await position_of(tx.session, conv)
     if waits is None:
-        waits = await recent_waits(tx.session, site.slug)
+        position, waits = await position_and_waits(tx.session, conv)
+    else:
+        position = await position_of(tx.session, conv)
     enqueue_event(
         tx,
         contact_site(core, conv),

@@ -110,8 +110,7 @@ async def move(core: Core, tx: Tx, conv: Conversation, target: Site, t: float) -
     conv.overflow_from = ",".join([*visited(conv), source])
     conv.overflow_depth = (conv.overflow_depth or 0) + 1
     notices.enter_queue(conv, target, t)
-    position = await notices.position_of(tx.session, conv)
-    waits = await notices.recent_waits(tx.session, target.slug)
+    position, waits = await notices.position_and_waits(tx.session, conv)
     enqueue_event(
         tx,
         contact_site(core, conv),
