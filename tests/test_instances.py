@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +15,7 @@ import pytest
 from conftest import PASSWORD, PG_URL, Env
 from helpline.domain.sites import SiteRegistry
 from helpline.testing.fake_counselor import FakeCounselor
+from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="instances share work only on PostgreSQL")
@@ -55,3 +61,61 @@ def test_counselor_on_instance_b_gets_what_is_posted_to_instance_a(
         amina.close_all()
     finally:
         b.stop()
+
+
+def _events(rapidpro: FakeRapidPro, session: str) -> list[str]:
+    return [r.body["params"]["event"] for r in rapidpro.accepted if r.body["params"]["conversation_id"] == session]
+
+
+def test_a_hunter_in_a_worker_process_of_its_own(make_env: Callable[..., Env], tmp_path: Path) -> None:
+    """`helpline serve` with HELPLINE_RUN_HUNTER=false, `helpline work` with HELPLINE_RUN_OUTBOX=false:
+    the worker process hunts what the server queues, the server delivers what the worker decides."""
+    env = make_env(settings={"run_hunter": False}, offer_timeout_s=5.0)
+    sites = sorted(tmp_path.glob("sites*.toml"))[0]
+    bot = env.chatbot()
+    env.user("amina", "counselor", name="Amina")
+    amina = FakeCounselor(env.url, "amina", PASSWORD)
+    amina.login()
+    amina.connect()
+    assert amina.join_queue().status_code == 200
+
+    assert bot.send("w-1", "help me").status_code == 201
+    env.rapidpro.wait_for(lambda rs: "queued" in _events(env.rapidpro, "w-1"), timeout=5)  # its outbox runs
+    time.sleep(1.5)  # three of the server's polls: it does not hunt
+    assert amina.of_type("offer") == []
+
+    worker_env = {
+        **os.environ,
+        "HELPLINE_DATABASE_URL": env.server.settings.database_url,
+        "HELPLINE_RUN_OUTBOX": "false",
+        "HELPLINE_LOG_LEVEL": "INFO",
+    }
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "helpline.cli", "work", "--sites", str(sites)],
+        env=worker_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # The waiting conversation (found by the worker's first round), then a new one (woken through the bus).
+        offer = amina.wait_for("offer", timeout=15)["offer"]
+        assert offer["conversation"]["chat_session"] == "w-1"
+        assert amina.read_offer(offer["id"]).status_code == 200
+        assert bot.send("w-2", "are you there", risk="high").status_code == 201
+        second = amina.wait_for("offer", lambda e: e["offer"]["conversation"]["chat_session"] == "w-2", timeout=5)
+        assert amina.read_offer(second["offer"]["id"]).status_code == 200
+        # What the worker decided reaches RapidPro once, through the server's outbox (the worker's is off).
+        for session in ("w-1", "w-2"):
+            env.rapidpro.wait_for(lambda rs, s=session: "ack" in _events(env.rapidpro, s), timeout=5)
+            assert _events(env.rapidpro, session) == ["queued", "assigned", "ack"]
+        assert [e["offer"]["conversation"]["chat_session"] for e in amina.of_type("offer")] == ["w-1", "w-2"]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(15)
+        log.close()
+        amina.close_all()
+    assert code == 0, (tmp_path / "worker.log").read_text()
+    lines = (tmp_path / "worker.log").read_text()
+    assert '"hunter": true, "outbox": false, "event": "worker started"' in lines
+    assert "worker stopped" in lines

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
+import pytest
+from typer.testing import CliRunner
 
 from conftest import Env
+from helpline.cli import app
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -35,3 +39,11 @@ def test_health_ready_and_metrics(env: Env) -> None:
     assert metric(text, "helpline_queue_wait_seconds_count", 'site="ke"') >= 1
     assert metric(text, "helpline_conversations", 'site="ke",status="assigned"') == 1
     assert "helpline_outbox_depth" in text
+
+
+def test_helpline_work_refuses_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker process needs PostgreSQL's bus; with SQLite, `helpline serve` runs every loop."""
+    monkeypatch.setenv("HELPLINE_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    r = CliRunner().invoke(app, ["work"])
+    assert r.exit_code == 2, r.output
+    assert "needs PostgreSQL" in r.output

@@ -14,19 +14,16 @@ from sqlalchemy import text
 
 from helpline import console, gcpolicy, metrics
 from helpline.api import cases, counselors, deps, errors, openchs, supervisor, weni, ws
-from helpline.delivery.outbox import OutboxWorker
-from helpline.delivery.rapidpro import RapidProClient
-from helpline.delivery.weni import WeniClient
 from helpline.domain.core import Core
 from helpline.domain.retention import run_retention
 from helpline.domain.sites import SiteRegistry
 from helpline.logs import install_redaction
 from helpline.routing.asterisk import AsteriskPresence
-from helpline.routing.hunt import Hunter
 from helpline.settings import Settings
 from helpline.store.checkpoint import WalCheckpointer
 from helpline.store.db import sqlite_path
 from helpline.store.migrate import upgrade
+from helpline.worker import Workers, start_listener
 
 CHATBOT_PREFIXES = ("/api", "/open/api", "/sites/{site}/api", "/sites/{site}/open/api")
 
@@ -44,20 +41,15 @@ def create_app(
         await upgrade(core.engine)
         app.state.core = core
         tasks: list[asyncio.Task[Any]] = []
-        client = RapidProClient()
-        weni_client = WeniClient()
         wal = sqlite_path(settings.database_url)
         if wal is not None:
             tasks.append(asyncio.create_task(WalCheckpointer(wal).run(), name="wal-checkpoint"))
-        if core.listener is not None:
-            tasks.append(asyncio.create_task(core.listener.run(), name="bus"))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(core.listener.connected.wait(), timeout=10)
+        listener = await start_listener(core)
+        if listener is not None:
+            tasks.append(listener)
+        workers = Workers(core)
         if run_workers:
-            tasks += [
-                asyncio.create_task(Hunter(core).run(), name="hunter"),
-                asyncio.create_task(OutboxWorker(core, client, weni_client).run(), name="outbox"),
-            ]
+            workers.start()  # hunting and delivery, unless the settings leave them to other instances
             phones = AsteriskPresence.for_core(core)  # sites with [site.asterisk]
             if phones is not None:
                 core.presence_sink = phones
@@ -75,13 +67,12 @@ def create_app(
         finally:
             if restore_gc is not None:
                 restore_gc()
+            await workers.stop()
             for t in tasks:
                 t.cancel()
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
-            await client.aclose()
-            await weni_client.aclose()
             await core.close()
 
     app = FastAPI(

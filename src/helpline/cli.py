@@ -1,4 +1,4 @@
-"""``helpline``: serve, migrate, createuser, issuetoken, signing-secret, purge, demo."""
+"""``helpline``: serve, work, migrate, createuser, issuetoken, signing-secret, purge, demo."""
 
 from __future__ import annotations
 
@@ -60,6 +60,25 @@ def serve(
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level=settings.log_level.lower(), ws="websockets-sansio"
     )
+
+
+@app.command()
+def work(
+    sites: Annotated[str | None, typer.Option(help="sites TOML file (default: $HELPLINE_SITES)")] = None,
+) -> None:
+    """Run the hunting and delivery loops without an HTTP server (PostgreSQL; HELPLINE_RUN_HUNTER and
+    HELPLINE_RUN_OUTBOX say which), beside `helpline serve` instances that leave them to it."""
+    import uvloop
+
+    from helpline.store.db import is_sqlite
+    from helpline.worker import work as run
+
+    settings = _settings(sites)
+    if is_sqlite(settings.database_url):
+        console.print("[red]helpline work needs PostgreSQL: with SQLite, `helpline serve` runs every loop[/red]")
+        raise typer.Exit(2)
+    configure_logging(settings.log_level)
+    uvloop.run(run(settings, SiteRegistry.from_toml(settings.sites)))
 
 
 @app.command()

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     # Keep it above the longest peer timeout (RapidPro's timeout_s, weni_timeout_s).
     outbox_lease_s: float = Field(60.0, gt=0)
 
+    # Which loops this instance runs besides its HTTP server. On PostgreSQL instances share them, so
+    # an instance may leave one to others: e.g. `helpline serve` with HELPLINE_RUN_HUNTER=false and
+    # `helpline work` with HELPLINE_RUN_OUTBOX=false, a hunter in a process of its own. With SQLite,
+    # keep both on (one process does everything).
+    run_hunter: bool = True
+    run_outbox: bool = True
+
     # How often background loops look at the store even when nobody woke them (safety net).
     poll_interval_s: float = Field(1.0, gt=0)
 
