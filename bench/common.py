@@ -109,14 +109,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 class CpuWindow:
-    """The CPU a process spends from now on, per unit of work done."""
+    """The CPU processes spend from now on (together), per unit of work done."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._cpu0, self._t0 = cpu_seconds(pid), time.monotonic()
+    def __init__(self, *pids: int | None) -> None:
+        self.pids = [pid for pid in pids if pid is not None]
+        self._cpu0, self._t0 = self._cpu(), time.monotonic()
+
+    def _cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
 
     def per_conversation(self, count: int) -> dict[str, float]:
-        cpu, elapsed = cpu_seconds(self.pid) - self._cpu0, time.monotonic() - self._t0
+        cpu, elapsed = self._cpu() - self._cpu0, time.monotonic() - self._t0
         return {"cpu_ms_per_conversation": 1000 * cpu / count, "cpu_busy": cpu / elapsed, "cpu_window_s": elapsed}
 
 
@@ -176,6 +179,35 @@ def add_common_args(ap: Any) -> None:
         default=[],
         help="pass `--experiment NAME` to the helpline server (see bench.server); implies --no-write",
     )
+
+
+def add_setup_args(ap: Any) -> None:
+    """``--db`` and ``--hunter-process`` (benches of hunting: see ``setup_names``)."""
+    ap.add_argument("--db", choices=["sqlite", "pg"], default="sqlite")
+    ap.add_argument(
+        "--hunter-process",
+        action="store_true",
+        help="PostgreSQL: hunt in `helpline work`, a process of its own (the server runs with run_hunter=false)",
+    )
+    ap.add_argument(
+        "--outbox-process",
+        action="store_true",
+        help="PostgreSQL: deliver in `helpline work`, a process of its own (the server runs with run_outbox=false)",
+    )
+
+
+def setup_names(args: Any) -> tuple[str, str, str]:
+    """(section name suffix, title words, row label) for ``--db``, ``--hunter-process`` and ``--outbox-process``."""
+    apart = [loop for loop, on in (("hunter", args.hunter_process), ("outbox", args.outbox_process)) if on]
+    if args.db == "sqlite":
+        if apart:
+            raise SystemExit("worker processes need --db pg: with SQLite, one process does everything")
+        return "", "SQLite", "SQLite: "
+    if not apart:
+        return "-pg", "PostgreSQL", "PostgreSQL: "
+    words = " and ".join(apart)
+    where = "processes of their own" if len(apart) > 1 else "a process of its own"
+    return "-pg-" + "-".join(apart) + "-process", f"PostgreSQL, {words} in {where}", f"PostgreSQL, {words} apart: "
 
 
 def server_extra(args: Any) -> list[str]:
@@ -473,6 +505,8 @@ class ServerProcess:
         log: Path,
         port: int | None = None,
         extra: Sequence[str] = (),
+        hunter_process: bool = False,
+        outbox_process: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -481,6 +515,21 @@ class ServerProcess:
         if sites is not None:
             self.argv += ["--sites", str(sites)]
         self.proc: subprocess.Popen[bytes] | None = None
+        # ``hunter_process``, ``outbox_process``: the server leaves that loop to `helpline work` in a
+        # process of its own (PostgreSQL), started once the server has upgraded the schema.
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self._worker_envs: dict[str, dict[str, str]] = {}
+        self._worker_argv = [_python(), "-m", "helpline.cli", "work", "--sites", str(sites)]
+        for loop, apart in (("hunter", hunter_process), ("outbox", outbox_process)):
+            if apart:
+                assert sites is not None and not db.startswith("sqlite"), "worker processes need PostgreSQL"
+                self.argv += ["--set", f"run_{loop}=false"]
+                only = {"HELPLINE_RUN_HUNTER": str(loop == "hunter"), "HELPLINE_RUN_OUTBOX": str(loop == "outbox")}
+                self._worker_envs[loop] = {**os.environ, "HELPLINE_DATABASE_URL": db, **only}
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.workers.values()]
 
     @property
     def pid(self) -> int:
@@ -497,13 +546,34 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    for loop in self._worker_envs:
+                        self._start_worker(loop)
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server did not answer /healthz within {timeout}s; see {self.log}")
 
+    def _start_worker(self, loop: str) -> None:
+        log = self.log.with_name(f"{self.log.stem}-{loop}.log")
+        with open(log, "wb") as out:
+            worker = self.workers[loop] = subprocess.Popen(
+                self._worker_argv, cwd=ROOT, env=self._worker_envs[loop], stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        while b"worker started" not in log.read_bytes():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the {loop} process did not start; see {log}")
+            time.sleep(0.1)
+
     def stop(self) -> None:
+        for worker in self.workers.values():
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(20)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGINT)
@@ -735,8 +805,21 @@ def _replace_section(text: str, name: str, body: str, *, before: str | None = No
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-# Sections of RESULTS.md, in order; ``-pg``: the same bench run with ``--db pg``.
-ORDER = ["inbound", "hunting", "hunting-pg", "scale", "scale-pg", "recovery", "recovery-pg"]
+# Sections of RESULTS.md, in order; ``-pg``: the same bench run with ``--db pg``; ``-process``: with
+# ``--hunter-process`` (and ``--outbox-process``).
+ORDER = [
+    "inbound",
+    "hunting",
+    "hunting-pg",
+    "hunting-pg-hunter-process",
+    "hunting-pg-hunter-outbox-process",
+    "scale",
+    "scale-pg",
+    "scale-pg-hunter-process",
+    "scale-pg-hunter-outbox-process",
+    "recovery",
+    "recovery-pg",
+]
 
 HEADER = """# Benchmark results
 
@@ -754,7 +837,9 @@ def write_result(res: Result) -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{res.name}.json").write_text(json.dumps(asdict(res), indent=2, default=str) + "\n")
     text = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else HEADER
-    text = _replace_section(text, res.name, render_section(res))
+    later = ORDER[ORDER.index(res.name) + 1 :] if res.name in ORDER else []
+    before = next((name for name in later if _markers(name)[0] in text), None)  # a new section: in its place
+    text = _replace_section(text, res.name, render_section(res), before=before)
     text = _replace_section(text, "summary", _render_summary(), before=ORDER[0])
     RESULTS_MD.write_text(text, encoding="utf-8")
 

@@ -38,6 +38,7 @@ from bench.common import (
     Result,
     ServerProcess,
     add_common_args,
+    add_setup_args,
     command_line,
     counselors,
     database_url,
@@ -47,6 +48,7 @@ from bench.common import (
     seed_users,
     server_extra,
     settle_outbox,
+    setup_names,
     start_fake_rapidpro,
     wait_quiet,
     write_result,
@@ -210,7 +212,7 @@ def measure_lapses(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--db", choices=["sqlite", "pg"], default="sqlite")
+    add_setup_args(ap)
     ap.add_argument("--counselors", type=int, default=20)
     ap.add_argument("--max-chats", type=int, default=50)
     ap.add_argument("--count", type=int, default=500)
@@ -227,10 +229,11 @@ def main() -> None:
         args.no_write = True  # smaller than the issue asks: not for RESULTS.md
         args.count, args.lapse_count, args.lapse_duration = 100, 20, 5.0
     kind = SQLITE if args.db == "sqlite" else PG
+    suffix, setup, label = setup_names(args)
 
     res = Result(
-        "hunting" if args.db == "sqlite" else "hunting-pg",
-        f"3. Hunting: queue -> offer, lapse -> re-hunt ({'SQLite' if args.db == 'sqlite' else 'PostgreSQL'})",
+        "hunting" + suffix,
+        f"3. Hunting: queue -> offer, lapse -> re-hunt ({setup})",
         command_line("bench.hunting"),
     )
     res.machine["busy_before"] = f"{wait_quiet(args.quiet_wait):.2f}"
@@ -250,13 +253,19 @@ def main() -> None:
         bot = users[0]
         users_file = write_users(WORK / "hunting-counselors.json", users[1:])
         server = ServerProcess(
-            app="helpline", db=db, sites=sites, log=WORK / f"server-hunting-{kind}.log", extra=server_extra(args)
+            app="helpline",
+            db=db,
+            sites=sites,
+            log=WORK / f"server-hunting-{kind}.log",
+            extra=server_extra(args),
+            hunter_process=args.hunter_process,
+            outbox_process=args.outbox_process,
         )
         with server as srv:
             crowd = Counselors(srv.url, users_file)
             try:
                 crowd.ready()
-                cpu = CpuWindow(srv.pid)
+                cpu = CpuWindow(srv.pid, *srv.worker_pids)
                 posted = post_new(srv.url, bot.token, prefix="h-", count=args.count, rate=args.rate)
                 crowd.wait_until("offers", args.count, timeout=120)
                 time.sleep(0.5)
@@ -283,7 +292,7 @@ def main() -> None:
                 }
             finally:
                 crowd.stop()
-        add_rows(res, "SQLite: " if kind == SQLITE else "PostgreSQL: ", offers, lapses)
+        add_rows(res, label, offers, lapses)
         res.notes.append(
             f"Queue -> offer: {args.count} new conversations at {args.rate:g}/s (load generator process, 8 "
             f"connections), {args.counselors} counselors of `ke` (leastrecent, max {args.max_chats} chats) reading "

@@ -37,6 +37,7 @@ from bench.common import (
     Result,
     ServerProcess,
     add_common_args,
+    add_setup_args,
     command_line,
     counselors,
     database_url,
@@ -47,6 +48,7 @@ from bench.common import (
     seed_users,
     server_extra,
     settle_outbox,
+    setup_names,
     start_fake_rapidpro,
     wait_quiet,
     write_result,
@@ -61,7 +63,7 @@ TARGET_P99_MS = 50.0
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--db", choices=["sqlite", "pg"], default="sqlite")
+    add_setup_args(ap)
     ap.add_argument("--conversations", type=int, default=10_000)
     ap.add_argument("--counselors", type=int, default=1_000)
     ap.add_argument("--lapse-counselors", type=int, default=10)
@@ -91,15 +93,14 @@ def main() -> None:
         args.no_write = True  # smaller than the issue asks: not for RESULTS.md
         args.conversations, args.counselors, args.duration = 2_000, 200, 5.0
     kind = SQLITE if args.db == "sqlite" else PG
-    label = "SQLite: " if kind == SQLITE else "PostgreSQL: "
+    suffix, setup, label = setup_names(args)
     ke = args.counselors - args.lapse_counselors
     if not args.max_chats:
         args.max_chats = math.ceil((args.conversations + args.offer_count + 20) / ke)
 
     res = Result(
-        "scale" if args.db == "sqlite" else "scale-pg",
-        f"4. Scale: {args.conversations:,} open conversations, {args.counselors:,} counselor WebSockets "
-        f"({'SQLite' if args.db == 'sqlite' else 'PostgreSQL'})",
+        "scale" + suffix,
+        f"4. Scale: {args.conversations:,} open conversations, {args.counselors:,} counselor WebSockets ({setup})",
         command_line("bench.scale"),
     )
     res.machine["busy_before"] = f"{wait_quiet(args.quiet_wait):.2f}"
@@ -129,7 +130,13 @@ def main() -> None:
             seed_assigned_conversations(db, chatbot_id=bot.id, site="ke", sessions=sessions, counselor_ids=ke_ids)
             d["store_seed_s"] = time.monotonic() - t
         server = ServerProcess(
-            app="helpline", db=db, sites=sites, log=WORK / f"server-scale-{kind}.log", extra=server_extra(args)
+            app="helpline",
+            db=db,
+            sites=sites,
+            log=WORK / f"server-scale-{kind}.log",
+            extra=server_extra(args),
+            hunter_process=args.hunter_process,
+            outbox_process=args.outbox_process,
         )
         with server as srv:
             d["rss_start_mib"] = rss_mib(srv.pid)
@@ -170,7 +177,7 @@ def main() -> None:
                 d["latency"] = crowd.ask("latency", reset=True)
 
                 crowd.ask("clear")
-                cpu = CpuWindow(srv.pid)
+                cpu = CpuWindow(srv.pid, *srv.worker_pids)
                 posted = post_new(srv.url, bot.token, prefix="so-", count=args.offer_count, rate=args.offer_rate)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
