@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, Row, String, bindparam, func, or_, select
 
 from helpline import metrics
 from helpline.delivery.outbox import contact_site, enqueue_event, enqueue_message
@@ -14,7 +15,7 @@ from helpline.domain.auth import Principal, Role
 from helpline.domain.conversations import close_conversation
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.offers import lock_conversation_of, make_offer, requeue_if_unoffered
+from helpline.domain.offers import lock_conversation_of, make_offer, requeue_if_unoffered, requeue_unoffered
 from helpline.domain.presence import PresenceChange, tell_sink
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
 from helpline.domain.views import conversation_view, iso, message_view, offer_view
@@ -128,11 +129,11 @@ async def list_offers(core: Core, who: Principal) -> dict[str, Any]:
     return {"results": [offer_view(o, c) for o, c in rows]}
 
 
-async def _my_offer(tx: Tx, who: Principal, offer_id: int) -> Offer:
-    offer = await tx.session.get(Offer, offer_id, with_for_update=True)
+def _check_offer(offer: Offer | None, who: Principal, offer_id: int, t: float) -> Offer:
+    """``offer`` must be the caller's and still pending (409 otherwise, 404 if not theirs)."""
     if offer is None or offer.counselor_id != who.id:
         raise NotFound(f"no offer {offer_id}")
-    if offer.status == OfferStatus.PENDING and offer.deadline <= now():
+    if offer.status == OfferStatus.PENDING and offer.deadline <= t:
         raise Conflict("the offer has lapsed")
     if offer.status != OfferStatus.PENDING:
         raise Conflict(
@@ -141,15 +142,29 @@ async def _my_offer(tx: Tx, who: Principal, offer_id: int) -> Offer:
     return offer
 
 
+# The offer being read and the conversation's other pending offers (ringall), locked: one statement.
+_OFFER_AND_PENDING = (
+    select(Offer)
+    .where(
+        Offer.conversation_id == bindparam("conversation_id", type_=String),
+        or_(Offer.id == bindparam("offer_id", type_=Integer), Offer.status == OfferStatus.PENDING),
+    )
+    .order_by(Offer.id)
+    .with_for_update()
+)
+
+
 async def read_offer(core: Core, who: Principal, offer_id: int, *, address: str | None = None) -> dict[str, Any]:
     """Reading an offer assigns the conversation; the client's messages become delivered (audited)."""
     who.require_role(*STAFF)
     async with core.tx() as tx:
-        await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
-        offer = await _my_offer(tx, who, offer_id)
-        conv = await tx.session.get(Conversation, offer.conversation_id, with_for_update=True)
-        assert conv is not None
+        conv = await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
+        if conv is None:
+            raise NotFound(f"no offer {offer_id}")
+        params = {"conversation_id": conv.id, "offer_id": offer_id}
+        offers = (await tx.session.scalars(_OFFER_AND_PENDING, params)).all()
         t = now()
+        offer = _check_offer(next((o for o in offers if o.id == offer_id), None), who, offer_id, t)
         offer.status = move_offer(offer.status, OfferStatus.READ)
         offer.resolved_at = t
         conv.status = move_conversation(conv.status, ConversationStatus.ASSIGNED)
@@ -157,51 +172,43 @@ async def read_offer(core: Core, who: Principal, offer_id: int, *, address: str 
         conv.assigned_at = t
         agent = await _agent(tx, who)
         agent.last_assigned_at = t
-        others = (
-            await tx.session.scalars(
-                select(Offer)
-                .where(Offer.conversation_id == conv.id, Offer.status == OfferStatus.PENDING, Offer.id != offer.id)
-                .with_for_update()
-            )
-        ).all()
-        for o in others:  # ringall: the first to read wins
+        for o in offers:  # ringall: the first to read wins
+            if o.id == offer.id:
+                continue
             o.status = move_offer(o.status, OfferStatus.WITHDRAWN)
             o.resolved_at = t
             tx.notify(o.counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=conv.id, reason="taken")
         site = contact_site(core, conv)  # its RapidPro, also after a transfer
         metrics.QUEUE_WAIT.labels(conv.site).observe(max(0.0, t - conv.created_at))
         enqueue_event(tx, site, conv, "assigned", counselor_name=who.name)
-        waiting = (
-            await tx.session.scalars(
-                select(Message)
-                .where(Message.conversation_id == conv.id, Message.direction == "in", Message.status == "queued")
-                .order_by(Message.id)
-            )
-        ).all()
-        for m in waiting:
+        rows = await _message_rows(tx, conv.id)  # the whole conversation, for the answer
+        for m in sorted((m for m, _ in rows if m.direction == "in" and m.status == "queued"), key=lambda m: m.id):
             m.status = "delivered"
             m.status_at = t
             enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="delivered")
         tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
         audit.record(tx, who, audit.Action.READ_OFFER, conversation_id=conv.id, site=conv.site, address=address)
-        messages = await _messages(tx, conv.id)
+        messages = [message_view(m, counselor_name=name) for m, name in rows]
         return {"offer": offer_view(offer, conv), "conversation": conversation_view(conv), "messages": messages}
 
 
 async def decline_offer(core: Core, who: Principal, offer_id: int) -> dict[str, Any]:
     who.require_role(*STAFF)
     async with core.tx() as tx:
-        await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
-        offer = await _my_offer(tx, who, offer_id)
+        conv = await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
+        if conv is None:
+            raise NotFound(f"no offer {offer_id}")
+        offer = _check_offer(await tx.session.get(Offer, offer_id, with_for_update=True), who, offer_id, now())
         offer.status = move_offer(offer.status, OfferStatus.DECLINED)
         offer.resolved_at = now()
-        await requeue_if_unoffered(tx, offer.conversation_id)
+        await requeue_unoffered(tx, [conv])
         tx.wake_hunter = True
         return {"id": offer.id, "status": offer.status}
 
 
-async def _messages(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
-    rows = (
+async def _message_rows(tx: Tx, conversation_id: str) -> Sequence[Row[Message, str | None]]:
+    """The conversation's messages, each with its counselor's name (None for the client's)."""
+    return (
         await tx.session.execute(
             select(Message, User.name)
             .outerjoin(User, User.id == Message.counselor_id)
@@ -209,7 +216,10 @@ async def _messages(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
             .order_by(Message.created_at, Message.id)  # a Weni ticket's history may arrive late
         )
     ).all()
-    return [message_view(m, counselor_name=name) for m, name in rows]
+
+
+async def _messages(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
+    return [message_view(m, counselor_name=name) for m, name in await _message_rows(tx, conversation_id)]
 
 
 async def _visible_conversation(tx: Tx, who: Principal, conversation_id: str, *, lock: bool = False) -> Conversation:

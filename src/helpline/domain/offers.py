@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Integer, bindparam, select
 
 from helpline import metrics
 from helpline.domain.core import Tx
@@ -88,14 +88,24 @@ async def requeue_unoffered(tx: Tx, convs: Sequence[Conversation], *, wake: bool
     return back
 
 
-async def lock_conversation_of(tx: Tx, offer_id: int) -> None:
-    """Lock the conversation of offer ``offer_id`` before the offer itself.
+# Only the conversation's row is locked (FOR UPDATE applies to the outer FROM, not the subquery).
+_CONVERSATION_OF = (
+    select(Conversation)
+    .where(
+        Conversation.id
+        == select(Offer.conversation_id).where(Offer.id == bindparam("offer_id", type_=Integer)).scalar_subquery()
+    )
+    .with_for_update()
+)
+
+
+async def lock_conversation_of(tx: Tx, offer_id: int) -> Conversation | None:
+    """Lock (and load) the conversation of offer ``offer_id`` before the offer itself: one statement.
+    None when there is no such offer.
 
     Rows are locked in one order everywhere: a conversation, then its offers, then agents (closing,
     hunting and transfers lock the conversation first). A path that locked an offer first, then its
     conversation, would deadlock on PostgreSQL with one going the other way: two counselors reading
     ringall offers of one conversation at once, or a read racing the chatbot's close.
     """
-    conversation_id = await tx.session.scalar(select(Offer.conversation_id).where(Offer.id == offer_id))
-    if conversation_id is not None:
-        await tx.session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())
+    return await tx.session.scalar(_CONVERSATION_OF, {"offer_id": offer_id})
