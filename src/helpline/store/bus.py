@@ -67,6 +67,7 @@ class Listener:
         self._sessionmaker = sessionmaker
         self._deliver = deliver
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._pumping = False  # the pump holds a message (a spill being read): later ones queue behind it
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -102,11 +103,20 @@ class Listener:
                 await pump
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._queue.put_nowait(payload)
+        """Delivered at once, in this callback (no hop through the pump's task: under load each hop
+        waits for a turn of the event loop), unless it must wait for a spill to be read first."""
+        if self._pumping or not self._queue.empty() or payload.startswith('{"spill"'):
+            self._queue.put_nowait(payload)
+            return
+        try:
+            self._deliver(orjson.loads(payload))
+        except Exception:
+            log.exception("bus message dropped")
 
     async def _pump(self) -> None:
         while True:
             payload = await self._queue.get()
+            self._pumping = True
             try:
                 msg = orjson.loads(payload)
                 if "spill" in msg:
@@ -118,6 +128,8 @@ class Listener:
                 self._deliver(msg)
             except Exception:
                 log.exception("bus message dropped")
+            finally:
+                self._pumping = not self._queue.empty()
 
 
 async def purge_spill(sessionmaker: async_sessionmaker[AsyncSession], t: float) -> None:
