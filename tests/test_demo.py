@@ -17,6 +17,11 @@ import pytest
 from rich.console import Console
 
 import helpline.demo
+from conftest import PG_URL
+
+# The demo embeds its own SQLite store whatever the environment says: the PostgreSQL pass would only
+# run the same thing again.
+pytestmark = pytest.mark.skipif(bool(PG_URL), reason="the demo embeds SQLite: tested in the SQLite pass")
 
 DEMO = [sys.executable, "-m", "helpline.cli", "demo", "--port", "0"]
 FINISHED = "scripted conversation finished"
