@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,6 +15,10 @@ import pytest
 
 from conftest import PASSWORD, PG_URL, Env
 from helpline.domain.sites import SiteRegistry
+from helpline.store.bus import CHANNEL, Listener
+from helpline.store.db import make_engine, make_sessionmaker
+from helpline.store.migrate import upgrade
+from helpline.store.models import BusSpill
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer
@@ -119,3 +124,39 @@ def test_a_hunter_in_a_worker_process_of_its_own(make_env: Callable[..., Env], t
     lines = (tmp_path / "worker.log").read_text()
     assert '"hunter": true, "outbox": false, "event": "worker started"' in lines
     assert "worker stopped" in lines
+
+
+def test_a_notification_after_a_spilled_one_waits_for_it(database_url: str) -> None:
+    """Notifications are delivered at once, in the listener's callback, except behind a spilled one
+    (its payload is read from the store first): the order they were sent in is kept."""
+
+    async def run() -> list[str]:
+        engine = make_engine(database_url)
+        sessionmaker = make_sessionmaker(engine)
+        try:
+            await upgrade(engine)
+            async with sessionmaker() as s, s.begin():
+                spill = BusSpill(payload='{"u": 1, "e": {"type": "big"}}', created_at=time.time())
+                s.add(spill)
+            got: list[str] = []
+            listener = Listener(database_url, sessionmaker, lambda msg: got.append(msg["e"]["type"]))
+            pump = asyncio.create_task(listener._pump())
+            try:
+                notify = listener._on_notify
+                notify(None, 0, CHANNEL, '{"u": 1, "e": {"type": "first"}}')
+                assert got == ["first"]  # at once, in the callback
+                notify(None, 0, CHANNEL, f'{{"spill": {spill.id}}}')
+                notify(None, 0, CHANNEL, '{"u": 1, "e": {"type": "after"}}')
+                assert got == ["first"]  # both wait for the spill's payload
+                for _ in range(500):
+                    if len(got) == 3:
+                        break
+                    await asyncio.sleep(0.01)
+                notify(None, 0, CHANNEL, '{"u": 1, "e": {"type": "last"}}')
+                return got
+            finally:
+                pump.cancel()
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(run()) == ["first", "big", "after", "last"]
