@@ -812,11 +812,9 @@ ORDER = [
     "hunting",
     "hunting-pg",
     "hunting-pg-hunter-process",
-    "hunting-pg-hunter-outbox-process",
     "scale",
     "scale-pg",
     "scale-pg-hunter-process",
-    "scale-pg-hunter-outbox-process",
     "recovery",
     "recovery-pg",
 ]
