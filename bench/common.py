@@ -211,8 +211,9 @@ def setup_names(args: Any) -> tuple[str, str, str]:
 
 
 def server_extra(args: Any) -> list[str]:
-    """The helpline server's extra arguments for ``--experiment`` (which also turns writing off)."""
-    if args.experiment:
+    """The helpline server's extra arguments for ``--experiment`` (which also turns writing off, as
+    ``--outbox-process`` does: RESULTS.md has no section for it)."""
+    if args.experiment or getattr(args, "outbox_process", False):
         args.no_write = True
     return [a for name in args.experiment for a in ("--experiment", name)]
 
