@@ -900,3 +900,32 @@ def test_the_transport_speaks_tls_and_checks_the_certificate(tmp_path: Path) -> 
                     await post(client, url)
 
     asyncio.run(go())
+
+
+def test_a_slow_scan_does_not_hold_new_events_back(env: Env) -> None:
+    """The outbox spaces its scans of all heads by 9x the last one's duration (~10 % of the time),
+    but a slow one (here the event loop held for 1 s, as a long pause would) must not make new events
+    wait that long: the next scan comes within the poll interval."""
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    conv = take(env, bot, amina, "sess-slow-scan")
+    settle(env, conv)
+    engine = env.server.core.read_engine.sync_engine  # the outbox scans with the read sessions
+    stalls = [1]
+
+    def stall(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if stalls and "GROUP BY outbox.conversation_id" in statement:  # the scan of all heads
+            stalls.pop()
+            time.sleep(1.0)
+
+    event.listen(engine, "before_cursor_execute", stall)
+    try:
+
+        def stalled() -> None:
+            assert not stalls, "no scan of all heads yet"
+
+        eventually(stalled, timeout=5)  # a scan (a poll) is stalling
+        mid = reply(amina, conv, "are you still there?")  # handled once the loop is free again
+        wait_status(amina, mid, "sent", timeout=3)  # 9x the stalled scan would be 9 s
+    finally:
+        event.remove(engine, "before_cursor_execute", stall)

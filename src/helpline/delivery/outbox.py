@@ -259,7 +259,9 @@ class OutboxWorker:
     waits for another's whole queue), and each claimed conversation's head is found with one index
     seek, not a scan of the backlog.
     A scan of all heads (one ``min(id) ... GROUP BY conversation_id``) runs only when woken (new
-    events), on ``poll_interval_s``, and never takes more than ~10 % of the time. Heads that got a
+    events), on ``poll_interval_s``, and takes no more than ~10 % of the time, but a slow one (the
+    store or the event loop busy: its duration is wall time) never holds off the next for more
+    than ``poll_interval_s``: new events would wait as long. Heads that got a
     retry are remembered with their due time and come back on their own.
 
     When a peer that failed answers 2xx again, the backed-off heads of that peer are made due at
@@ -488,7 +490,7 @@ class OutboxWorker:
                 self._runnable.setdefault(conv, head)
         finished = time.monotonic()
         self._want_scan = False
-        self._next_scan_at = finished + 9 * (finished - started)
+        self._next_scan_at = finished + min(9 * (finished - started), self.core.settings.poll_interval_s)
         self._next_poll = finished + self.core.settings.poll_interval_s
 
     async def _cycle(
