@@ -118,6 +118,10 @@ class CpuWindow:
     def _cpu(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids)
 
+    def cores(self) -> float:
+        """How many cores, on average, since the window opened."""
+        return (self._cpu() - self._cpu0) / (time.monotonic() - self._t0)
+
     def per_conversation(self, count: int) -> dict[str, float]:
         cpu, elapsed = self._cpu() - self._cpu0, time.monotonic() - self._t0
         return {"cpu_ms_per_conversation": 1000 * cpu / count, "cpu_busy": cpu / elapsed, "cpu_window_s": elapsed}
@@ -527,6 +531,21 @@ class ServerProcess:
                 self.argv += ["--set", f"run_{loop}=false"]
                 only = {"HELPLINE_RUN_HUNTER": str(loop == "hunter"), "HELPLINE_RUN_OUTBOX": str(loop == "outbox")}
                 self._worker_envs[loop] = {**os.environ, "HELPLINE_DATABASE_URL": db, **only}
+
+    @classmethod
+    def helpline(
+        cls, args: Any, *, name: str, kind: str, db: str, sites: Path, extra: Sequence[str] = ()
+    ) -> ServerProcess:
+        """Bench ``name``'s helpline server, as ``args`` ask: experiments, worker processes."""
+        return cls(
+            app="helpline",
+            db=db,
+            sites=sites,
+            log=WORK / f"server-{name}-{kind}.log",
+            extra=[*server_extra(args), *extra],
+            hunter_process=getattr(args, "hunter_process", False),
+            outbox_process=getattr(args, "outbox_process", False),
+        )
 
     @property
     def worker_pids(self) -> list[int]:

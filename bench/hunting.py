@@ -46,7 +46,6 @@ from bench.common import (
     print_result,
     run_loadgen,
     seed_users,
-    server_extra,
     settle_outbox,
     setup_names,
     start_fake_rapidpro,
@@ -252,15 +251,7 @@ def main() -> None:
         users = seed_users(db, [CHATBOT, *staff])
         bot = users[0]
         users_file = write_users(WORK / "hunting-counselors.json", users[1:])
-        server = ServerProcess(
-            app="helpline",
-            db=db,
-            sites=sites,
-            log=WORK / f"server-hunting-{kind}.log",
-            extra=server_extra(args),
-            hunter_process=args.hunter_process,
-            outbox_process=args.outbox_process,
-        )
+        server = ServerProcess.helpline(args, name="hunting", kind=kind, db=db, sites=sites)
         with server as srv:
             crowd = Counselors(srv.url, users_file)
             try:

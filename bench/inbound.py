@@ -28,19 +28,18 @@ from bench.common import (
     SQLITE,
     WORK,
     Counselors,
+    CpuWindow,
     MachineCpu,
     Result,
     ServerProcess,
     add_common_args,
     command_line,
     counselors,
-    cpu_seconds,
     database_url,
     print_result,
     rss_mib,
     run_loadgen,
     seed_users,
-    server_extra,
     settle_outbox,
     start_fake_rapidpro,
     start_loadgen,
@@ -87,9 +86,7 @@ def helpline_round(kind: str, args: argparse.Namespace, fake: Any) -> dict[str, 
     sessions_file.write_text(json.dumps([f"in-{i}" for i in range(args.conversations)]))
     out: dict[str, Any] = {"db": kind}
     base = len(fake.received)
-    server = ServerProcess(
-        app="helpline", db=db, sites=sites, log=WORK / f"server-inbound-{kind}.log", extra=server_extra(args)
-    )
+    server = ServerProcess.helpline(args, name="inbound", kind=kind, db=db, sites=sites)
     with server as srv:
         crowd = Counselors(srv.url, users_file)
         try:
@@ -121,12 +118,12 @@ def helpline_round(kind: str, args: argparse.Namespace, fake: Any) -> dict[str, 
                 fake, base + 2 * args.conversations, args.settle_timeout
             )
             crowd.ask("latency", reset=True)
-            cpu0, cpu_t0, machine_cpu = cpu_seconds(srv.pid), time.monotonic(), MachineCpu()
+            cpu, machine_cpu = CpuWindow(srv.pid), MachineCpu()
             lg = run_loadgen(
                 continue_args(srv.url, bot.token, str(sessions_file), args, args.duration),
                 WORK / f"loadgen-inbound-{kind}.json",
             )
-            out["server_cores"] = (cpu_seconds(srv.pid) - cpu0) / (time.monotonic() - cpu_t0)
+            out["server_cores"] = cpu.cores()
             out["machine_cores"] = machine_cpu.busy()
             time.sleep(1.0)  # let the last WebSocket messages arrive
             out["latency"] = crowd.ask("latency", reset=True)
@@ -168,14 +165,14 @@ def bare_round(kind: str, args: argparse.Namespace, token: str) -> dict[str, Any
     db = database_url(kind, "inbound-bare")
     sessions_file = WORK / "inbound-sessions.json"
     with ServerProcess(app="bare", db=db, log=WORK / f"server-bare-{kind}.log") as srv:
-        cpu0, cpu_t0, machine_cpu = cpu_seconds(srv.pid), time.monotonic(), MachineCpu()
+        cpu, machine_cpu = CpuWindow(srv.pid), MachineCpu()
         lg = run_loadgen(
             continue_args(srv.url, token, str(sessions_file), args, args.duration),
             WORK / f"loadgen-bare-{kind}.json",
         )
         return {
             "load": lg,
-            "server_cores": (cpu_seconds(srv.pid) - cpu0) / (time.monotonic() - cpu_t0),
+            "server_cores": cpu.cores(),
             "machine_cores": machine_cpu.busy(),
             "rss_mib": rss_mib(srv.pid),
         }

@@ -52,7 +52,6 @@ from bench.common import (
     print_result,
     rss_mib,
     seed_users,
-    server_extra,
     start_fake_rapidpro,
     start_profile,
     wait_quiet,
@@ -301,10 +300,8 @@ def main() -> None:
         db = database_url(kind, "recovery")
         sites = write_sites(WORK / "sites-recovery.toml", fake.url, token=fake.token, flow=fake.flow)
         users = seed_users(db, [CHATBOT, *counselors("r", 1, "ke")])
-        extra = [*server_extra(args), *(a for kv in args.set for a in ("--set", kv))]
-        server = ServerProcess(
-            app="helpline", db=db, sites=sites, log=WORK / f"server-recovery-{kind}.log", extra=extra
-        )
+        sets = [a for kv in args.set for a in ("--set", kv)]
+        server = ServerProcess.helpline(args, name="recovery", kind=kind, db=db, sites=sites, extra=sets)
         with server as srv:
             d["pile_up_s"] = asyncio.run(
                 pile_up(

@@ -46,7 +46,6 @@ from bench.common import (
     run_loadgen,
     seed_assigned_conversations,
     seed_users,
-    server_extra,
     settle_outbox,
     setup_names,
     start_fake_rapidpro,
@@ -129,15 +128,7 @@ def main() -> None:
             ke_ids = [u.id for u in users[1:] if u.site == "ke"]
             seed_assigned_conversations(db, chatbot_id=bot.id, site="ke", sessions=sessions, counselor_ids=ke_ids)
             d["store_seed_s"] = time.monotonic() - t
-        server = ServerProcess(
-            app="helpline",
-            db=db,
-            sites=sites,
-            log=WORK / f"server-scale-{kind}.log",
-            extra=server_extra(args),
-            hunter_process=args.hunter_process,
-            outbox_process=args.outbox_process,
-        )
+        server = ServerProcess.helpline(args, name="scale", kind=kind, db=db, sites=sites)
         with server as srv:
             d["rss_start_mib"] = rss_mib(srv.pid)
             crowd = Counselors(srv.url, users_file)
