@@ -66,7 +66,7 @@ class Listener:
         self._dsn = asyncpg_dsn(url)
         self._sessionmaker = sessionmaker
         self._deliver = deliver
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._pumping = False  # the pump holds a message (a spill being read): later ones queue behind it
         self.connected = asyncio.Event()
 
@@ -85,7 +85,7 @@ class Listener:
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connected.set()
                 # Whatever was missed while disconnected is caught by the loops' polls.
-                self._queue.put_nowait('{"wake": ["hunter", "outbox"]}')
+                self._queue.put_nowait({"wake": ["hunter", "outbox"]})
                 try:
                     while not lost.is_set():
                         with contextlib.suppress(TimeoutError):
@@ -105,31 +105,38 @@ class Listener:
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         """Delivered at once, in this callback (no hop through the pump's task: under load each hop
         waits for a turn of the event loop), unless it must wait for a spill to be read first."""
-        if self._pumping or not self._queue.empty() or payload.startswith('{"spill"'):
-            self._queue.put_nowait(payload)
-            return
         try:
-            self._deliver(orjson.loads(payload))
-        except Exception:
+            msg = orjson.loads(payload)
+        except orjson.JSONDecodeError:
             log.exception("bus message dropped")
+            return
+        if self._pumping or not self._queue.empty() or "spill" in msg:
+            self._queue.put_nowait(msg)
+        else:
+            self._hand_over(msg)
 
     async def _pump(self) -> None:
         while True:
-            payload = await self._queue.get()
+            msg = await self._queue.get()
             self._pumping = True
             try:
-                msg = orjson.loads(payload)
                 if "spill" in msg:
                     async with self._sessionmaker() as s:
                         raw = await s.scalar(select(BusSpill.payload).where(BusSpill.id == msg["spill"]))
                     if raw is None:
                         continue
                     msg = orjson.loads(raw)
-                self._deliver(msg)
+                self._hand_over(msg)
             except Exception:
                 log.exception("bus message dropped")
             finally:
                 self._pumping = not self._queue.empty()
+
+    def _hand_over(self, msg: Message) -> None:
+        try:
+            self._deliver(msg)
+        except Exception:
+            log.exception("bus message dropped")
 
 
 async def purge_spill(sessionmaker: async_sessionmaker[AsyncSession], t: float) -> None:
