@@ -89,24 +89,21 @@ async def recent_waits(session: AsyncSession, site: str, limit: int = RECENT_WAI
     return [max(0.0, float(w)) for w in rows if w is not None]
 
 
+def _place(conv: Conversation) -> dict[str, object]:
+    """``_AHEAD``'s parameters: where ``conv`` stands in its site's hunting order."""
+    return {"site": conv.site, "id": conv.id, "rank": conv.risk_rank, "queued_at": conv.queued_at}
+
+
 async def position_of(session: AsyncSession, conv: Conversation) -> int:
     """1 + the waiting conversations of its site that come before it in the hunting order."""
-    params = {"site": conv.site, "id": conv.id, "rank": conv.risk_rank, "queued_at": conv.queued_at}
-    ahead = await session.scalar(_AHEAD, params)
+    ahead = await session.scalar(_AHEAD, _place(conv))
     return 1 + int(ahead or 0)
 
 
 async def position_and_waits(session: AsyncSession, conv: Conversation) -> tuple[int, list[float]]:
     """``position_of(conv)`` and ``recent_waits`` of its site, in one statement."""
-    params = {
-        "site": conv.site,
-        "id": conv.id,
-        "rank": conv.risk_rank,
-        "queued_at": conv.queued_at,
-        "limit": RECENT_WAITS,
-    }
     ahead, waits = 0, []
-    for kind, value in (await session.execute(_AHEAD_AND_WAITS, params)).all():
+    for kind, value in (await session.execute(_AHEAD_AND_WAITS, {**_place(conv), "limit": RECENT_WAITS})).all():
         if kind == 0:
             ahead = int(value or 0)
         elif value is not None:
