@@ -50,6 +50,7 @@ from bench.common import (
     settle_outbox,
     setup_names,
     start_fake_rapidpro,
+    start_profile,
     wait_quiet,
     write_result,
     write_sites,
@@ -84,11 +85,14 @@ def main() -> None:
     ap.add_argument("--lapse-timeout", type=float, default=1.0)
     ap.add_argument("--lapse-duration", type=float, default=6.0)
     ap.add_argument("--setup-timeout", type=float, default=900.0)
+    ap.add_argument("--profile", action="store_true", help="py-spy the server during queue -> offer (printed only)")
     ap.add_argument("--quick", action="store_true", help="2,000 conversations, 200 counselors, 100 offers")
     add_common_args(ap)
     args = ap.parse_args()
     if args.strategy != "leastrecent":
         args.no_write = True  # RESULTS.md's figures are leastrecent's; others are quoted there by hand
+    if args.profile:
+        args.no_write = True  # py-spy's sampling slows the server down
     if args.quick:
         args.no_write = True  # smaller than the issue asks: not for RESULTS.md
         args.conversations, args.counselors, args.duration, args.offer_count = 2_000, 200, 5.0, 100
@@ -170,6 +174,9 @@ def main() -> None:
 
                 crowd.ask("clear")
                 cpu = CpuWindow(srv.pid, *srv.worker_pids)
+                if args.profile:  # the server's Python CPU (samples holding the GIL) over the offers phase
+                    raw = WORK.parent / "profiles" / f"scale-offers-{kind}-gil.txt"
+                    start_profile(srv.pid, args.offer_count / args.offer_rate, raw, "raw", gil=True)
                 posted = post_new(srv.url, bot.token, prefix="so-", count=args.offer_count, rate=args.offer_rate)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
