@@ -1,7 +1,7 @@
 """Who hunting offers to, read from the store: every free counselor, or the first few in order.
 
-For ``leastrecent`` (a strategy the store orders) a round reads only the first few free counselors
-in the strategy's order, not every free counselor of the site with their load. These tests pin
+For ``leastrecent`` and ``roundrobin`` (strategies the store orders) a round reads only the first
+few free counselors in the strategy's order, not every free counselor of the site with their load. These tests pin
 that it changes nothing a counselor or a child sees: the same candidates, the same loads, the same
 counselor offered each conversation, on SQLite and on PostgreSQL.
 """
@@ -25,7 +25,7 @@ from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.routing import hunt
 from helpline.routing.hunt import Hunter
 from helpline.routing.presence import candidates
-from helpline.routing.strategies import Candidate, leastrecent
+from helpline.routing.strategies import Candidate, leastrecent, roundrobin
 from helpline.settings import Settings
 from helpline.store.migrate import upgrade
 from helpline.store.models import Agent, Conversation, Offer, User
@@ -36,10 +36,14 @@ MAX_CHATS = 3
 
 
 def run_with_core(
-    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro, body: Callable[[Core], Awaitable[Any]]
+    database_url: str,
+    tmp_path: Path,
+    rapidpro: FakeRapidPro,
+    body: Callable[[Core], Awaitable[Any]],
+    strategy: str = "leastrecent",
 ) -> Any:
     path = tmp_path / "sites.toml"
-    path.write_text(sites_toml(rapidpro, strategy="leastrecent", max_chats=MAX_CHATS, retry_gap_s=60.0))
+    path.write_text(sites_toml(rapidpro, strategy=strategy, max_chats=MAX_CHATS, retry_gap_s=60.0))
     settings = Settings(database_url=database_url, sites=str(path))
 
     async def main() -> Any:
@@ -111,16 +115,15 @@ def offer(conversation_id: str, counselor_id: int, status: str, *, deadline: flo
     )
 
 
-async def read_candidates(core: Core, first: int | None = None) -> list[Candidate]:
+async def read_candidates(core: Core, first: int | None = None, after: int | None = None) -> list[Candidate]:
     async with core.sessionmaker() as session:
-        return await candidates(session, core.site("ke"), T0 + 1, first=first)
+        return await candidates(session, core.site("ke"), T0 + 1, first=first, after=after)
 
 
-def test_the_first_few_are_the_head_of_leastrecents_order_with_the_same_loads(
-    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro
-) -> None:
-    rng = random.Random(7)
-    specs = [
+def random_counselors(seed: int) -> list[dict[str, Any]]:
+    """80 counselors of every kind: free or not, loaded or not, ties in last_assigned_at."""
+    rng = random.Random(seed)
+    return [
         {
             "status": rng.choice(["available"] * 4 + ["paused", "offline"]),
             "last_assigned_at": float(rng.choice([0, 0, 5, 9, 9, 20, 33])),  # ties, broken by id
@@ -131,21 +134,54 @@ def test_the_first_few_are_the_head_of_leastrecents_order_with_the_same_loads(
         for _ in range(80)
     ]
 
+
+def free_of(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        s
+        for s in specs
+        if s["status"] == "available" and s["wrapup_until"] == 0.0 and s["assigned"] + s["pending"] < MAX_CHATS
+    ]
+
+
+def test_the_first_few_are_the_head_of_leastrecents_order_with_the_same_loads(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro
+) -> None:
+    specs = random_counselors(7)
+
     async def body(core: Core) -> tuple[list[Candidate], dict[int, list[Candidate]]]:
         await add_counselors(core, specs)
         every = await read_candidates(core)
         return every, {n: await read_candidates(core, first=n) for n in (1, 2, 5, 16, len(every), 100)}
 
     every, heads = run_with_core(database_url, tmp_path, rapidpro, body)
-    free = [
-        s
-        for s in specs
-        if s["status"] == "available" and s["wrapup_until"] == 0.0 and s["assigned"] + s["pending"] < MAX_CHATS
-    ]
+    free = free_of(specs)
     assert len(every) == len(free) > 16
     assert sorted(c.active for c in every) == sorted(s["assigned"] + s["pending"] for s in free)
     for n, head in heads.items():
         assert head == leastrecent(every)[:n], n
+
+
+def test_the_first_few_are_the_head_of_roundrobins_turn_from_the_last_counselor_offered(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro
+) -> None:
+    """From no turn yet, from a free counselor, from one who is not free, from the highest id: the
+    head wraps around to the lowest ids as the full order does, with the same loads."""
+    specs = random_counselors(11)
+
+    async def body(core: Core) -> tuple[list[Candidate], dict[tuple[int | None, int], list[Candidate]]]:
+        ids = await add_counselors(core, specs)
+        every = await read_candidates(core)
+        busy = next(uid for uid, s in zip(ids, specs, strict=True) if s not in free_of(specs))
+        afters = [None, every[len(every) // 2].counselor_id, busy, max(ids), every[-3].counselor_id]
+        heads = {
+            (after, n): await read_candidates(core, first=n, after=after) for after in afters for n in (1, 5, 16, 100)
+        }
+        return every, heads
+
+    every, heads = run_with_core(database_url, tmp_path, rapidpro, body, strategy="roundrobin")
+    assert len(every) == len(free_of(specs)) > 16
+    for (after, n), head in heads.items():
+        assert head == roundrobin(every, after)[:n], (after, n)
 
 
 def test_a_conversation_everyone_at_the_head_missed_goes_to_the_next_counselor_in_order(
@@ -202,3 +238,35 @@ def test_a_burst_longer_than_the_head_reaches_as_many_counselors_as_it_needs(
     made = run_with_core(database_url, tmp_path, rapidpro, body)
     by_recency = sorted(range(len(order)), key=lambda i: order[i])
     assert made == list(enumerate(by_recency[:7]))
+
+
+def test_roundrobin_offers_a_burst_in_turn_and_wraps_around_reading_two_at_first(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven queued at once, room for one more each, the turn after the seventh of ten counselors:
+    the eighth, ninth and tenth get one each, then the first four, in queue order."""
+    monkeypatch.setattr(hunt, "FIRST_CANDIDATES", 2)
+
+    async def body(core: Core) -> list[tuple[int, int]]:
+        ids = await add_counselors(core, [{"assigned": MAX_CHATS - 1} for _ in range(10)])
+        queued = []
+        async with core.tx() as tx:
+            bot_id = await tx.session.scalar(select(User.id).where(User.username == "bot"))
+            assert bot_id is not None
+            for i in range(7):
+                conv = conversation(bot_id, ConversationStatus.QUEUED, at=T0 + i)
+                tx.session.add(conv)
+                queued.append(conv.id)
+        hunter = Hunter(core)
+        hunter._rr_last["ke"] = ids[6]
+        await hunter.step()
+        async with core.sessionmaker() as session:
+            rows = (
+                await session.execute(
+                    select(Offer.conversation_id, Offer.counselor_id).where(Offer.status == OfferStatus.PENDING)
+                )
+            ).all()
+        return sorted((queued.index(c), ids.index(u)) for c, u in rows if c in queued)
+
+    made = run_with_core(database_url, tmp_path, rapidpro, body, strategy="roundrobin")
+    assert made == list(enumerate([7, 8, 9, 0, 1, 2, 3]))

@@ -318,7 +318,8 @@ class Hunter:
         # Counselors first: with nobody free, the queue is not even loaded. For a strategy the
         # store orders (STORE_ORDERED_STRATEGIES), only the first few free counselors in its order.
         first = FIRST_CANDIDATES if site.routing.strategy in STORE_ORDERED_STRATEGIES else None
-        found = await candidates(tx.session, site, t, first=first)
+        after = self._rr_last.get(site.slug)  # roundrobin's turn
+        found = await candidates(tx.session, site, t, first=first, after=after)
         if not found:
             if queued if queued is not None else await self._any_queued(tx, site):
                 await self._wake_after_wrapup(tx, site, t)
@@ -335,7 +336,7 @@ class Hunter:
             # out, and those who missed it are passed over.
             need = len(waiting) + len({uid for who in missed.values() for uid in who})
             if need > len(found):
-                found = await candidates(tx.session, site, t, first=need)
+                found = await candidates(tx.session, site, t, first=need, after=after)
                 more = len(found) == need
         cands = {c.counselor_id: c for c in found}
         made: list[tuple[Offer, Conversation]] = []

@@ -20,12 +20,13 @@ class Candidate:
 # strategies needs it; a new one that does names itself here.
 LAST_OFFER_STRATEGIES: frozenset[str] = frozenset()
 
-# The strategies whose order is a sort on ``(last_assigned_at, counselor_id)`` alone, offering each
-# conversation to one counselor: the store keeps that order in an index, so for them hunting asks
-# for the first few free counselors in it (routing.presence), not for every free counselor of the
-# site with their load (1,000 counselors: 1,000 counts on every round). A strategy named here must
-# order as :func:`leastrecent` does.
-STORE_ORDERED_STRATEGIES: frozenset[str] = frozenset({"leastrecent"})
+# The strategies whose order the store keeps in an index, offering each conversation to one
+# counselor: for them hunting asks for the first few free counselors in that order
+# (routing.presence), not for every free counselor of the site with their load (1,000 counselors:
+# 1,000 counts on every round). ``leastrecent``: by ``(last_assigned_at, counselor_id)``;
+# ``roundrobin``: by ``counselor_id`` from after the last counselor offered, then from the lowest.
+# A strategy named here must order as its function below does, and presence must know its index.
+STORE_ORDERED_STRATEGIES: frozenset[str] = frozenset({"leastrecent", "roundrobin"})
 
 
 def ringall(cands: Sequence[Candidate]) -> list[Candidate]:

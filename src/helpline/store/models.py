@@ -146,9 +146,11 @@ class Agent(Base):
 
     __tablename__ = "agents"
     __table_args__ = (
-        # Hunting for ``leastrecent`` reads the site's available counselors in that strategy's order
-        # and stops at the first few with room (routing.presence), however many are free.
+        # Hunting for ``leastrecent`` and ``roundrobin`` reads the site's available counselors in
+        # that strategy's order and stops at the first few with room (routing.presence), however
+        # many are free.
         Index("ix_agents_site_status_assigned", "site", "status", "last_assigned_at", "user_id"),
+        Index("ix_agents_site_status_user", "site", "status", "user_id"),
     )
 
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
