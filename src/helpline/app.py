@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +22,7 @@ from helpline.settings import Settings
 from helpline.store.checkpoint import WalCheckpointer
 from helpline.store.db import sqlite_path
 from helpline.store.migrate import upgrade
-from helpline.worker import Workers, start_listener
+from helpline.worker import Workers, cancel_all, start_listener
 
 CHATBOT_PREFIXES = ("/api", "/open/api", "/sites/{site}/api", "/sites/{site}/open/api")
 
@@ -68,11 +67,7 @@ def create_app(
             if restore_gc is not None:
                 restore_gc()
             await workers.stop()
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_all(tasks)
             await core.close()
 
     app = FastAPI(

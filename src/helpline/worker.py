@@ -48,13 +48,18 @@ class Workers:
             self.tasks.append(asyncio.create_task(worker.run(), name="outbox"))
 
     async def stop(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(self.tasks)
         await self._client.aclose()
         await self._weni_client.aclose()
+
+
+async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until each has stopped."""
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
 
 
 async def start_listener(core: Core) -> asyncio.Task[None] | None:
@@ -90,9 +95,6 @@ async def work(settings: Settings, sites: SiteRegistry, stop: asyncio.Event | No
         await stop.wait()
     finally:
         await workers.stop()
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        await cancel_all([listener] if listener is not None else [])
         await core.close()
         log.info("worker stopped")
