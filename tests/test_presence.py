@@ -1,4 +1,5 @@
-"""Who hunting offers to, read from the store: every free counselor, or the first few in order.
+"""Who hunting offers to, read from the store: every free counselor, or the first few in order; and
+what going offline does to the offers a counselor still has.
 
 For ``leastrecent`` and ``roundrobin`` (strategies the store orders) a round reads only the first
 few free counselors in the strategy's order, not every free counselor of the site with their load. These tests pin
@@ -20,6 +21,7 @@ from sqlalchemy import select
 
 from conftest import sites_toml
 from helpline.domain.core import Core
+from helpline.domain.counselors import withdraw_offers_of
 from helpline.domain.sites import SiteRegistry
 from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.routing import hunt
@@ -270,3 +272,39 @@ def test_roundrobin_offers_a_burst_in_turn_and_wraps_around_reading_two_at_first
 
     made = run_with_core(database_url, tmp_path, rapidpro, body, strategy="roundrobin")
     assert made == list(enumerate([7, 8, 9, 0, 1, 2, 3]))
+
+
+def test_going_offline_withdraws_every_pending_offer_and_requeues_only_what_nobody_else_is_offered(
+    database_url: str, tmp_path: Path, rapidpro: FakeRapidPro
+) -> None:
+    """Three offers pending for one counselor: two conversations offered to nobody else go back to
+    the queue at their old place; the one also offered to a colleague stays offered."""
+
+    async def body(core: Core) -> tuple[dict[str, tuple[str, float]], dict[int, str]]:
+        leaving, colleague = await add_counselors(core, [{}, {}])
+        async with core.tx() as tx:
+            bot_id = await tx.session.scalar(select(User.id).where(User.username == "bot"))
+            assert bot_id is not None
+            convs = [conversation(bot_id, ConversationStatus.OFFERED, at=T0 - 100 + i) for i in range(3)]
+            tx.session.add_all(convs)
+            for conv in convs:
+                tx.session.add(offer(conv.id, leaving, OfferStatus.PENDING, deadline=T0 + 30))
+            tx.session.add(offer(convs[1].id, colleague, OfferStatus.PENDING, deadline=T0 + 30))
+        async with core.tx() as tx:
+            await withdraw_offers_of(tx, leaving, reason="offline")
+        async with core.sessionmaker() as session:
+            rows = (await session.execute(select(Conversation.id, Conversation.status, Conversation.queued_at))).all()
+            offers = (await session.execute(select(Offer.counselor_id, Offer.status))).all()
+        by_id = {cid: (status, queued_at) for cid, status, queued_at in rows}
+        names = {leaving: "leaving", colleague: "colleague"}
+        return {f"conv{i}": by_id[c.id] for i, c in enumerate(convs)}, {
+            n: ",".join(sorted(s for u, s in offers if u == uid)) for uid, n in names.items()
+        }
+
+    convs, offers = run_with_core(database_url, tmp_path, rapidpro, body)
+    assert convs == {
+        "conv0": (ConversationStatus.QUEUED, T0 - 100),
+        "conv1": (ConversationStatus.OFFERED, T0 - 99),
+        "conv2": (ConversationStatus.QUEUED, T0 - 98),
+    }
+    assert offers == {"leaving": "withdrawn,withdrawn,withdrawn", "colleague": "pending"}

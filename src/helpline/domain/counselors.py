@@ -15,7 +15,7 @@ from helpline.domain.auth import Principal, Role
 from helpline.domain.conversations import close_conversation
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.offers import lock_conversation_of, make_offer, requeue_if_unoffered, requeue_unoffered
+from helpline.domain.offers import lock_conversation_of, make_offer, requeue_unoffered
 from helpline.domain.presence import PresenceChange, tell_sink
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
 from helpline.domain.views import conversation_view, iso, message_view, offer_view
@@ -81,7 +81,7 @@ async def set_presence(core: Core, who: Principal, status: str, reason: str | No
         raise Invalid("status must be available, paused or offline", fields={"status": ["invalid choice"]})
     async with core.tx() as tx:
         if status == "offline":  # conversations and offers before the agent: see lock_conversation_of
-            await _withdraw_offers_of(tx, who.id, reason="offline")
+            await withdraw_offers_of(tx, who.id, reason="offline")
         agent = await _agent(tx, who)
         agent.status = status
         agent.reason = reason if status != "available" else None
@@ -95,24 +95,26 @@ async def set_presence(core: Core, who: Principal, status: str, reason: str | No
     return view
 
 
-async def _withdraw_offers_of(tx: Tx, counselor_id: int, *, reason: str) -> None:
+async def withdraw_offers_of(tx: Tx, counselor_id: int, *, reason: str) -> None:
+    """The counselor's pending offers are withdrawn (they went offline, or on a call); those of
+    their conversations offered to nobody else go back to the queue, keeping their place."""
     mine = (Offer.counselor_id == counselor_id, Offer.status == OfferStatus.PENDING)
     conversation_ids = select(Offer.conversation_id).where(*mine).scalar_subquery()
-    await tx.session.execute(  # the conversations first: see lock_conversation_of
-        select(Conversation.id).where(Conversation.id.in_(conversation_ids)).order_by(Conversation.id).with_for_update()
-    )
-    offers = (
+    convs = (  # the conversations first: see lock_conversation_of
         await tx.session.scalars(
-            select(Offer)
-            .where(Offer.counselor_id == counselor_id, Offer.status == OfferStatus.PENDING)
+            select(Conversation)
+            .where(Conversation.id.in_(conversation_ids))
+            .order_by(Conversation.id)
             .with_for_update()
         )
     ).all()
+    offers = (await tx.session.scalars(select(Offer).where(*mine).with_for_update())).all()
+    t = now()
     for o in offers:
         o.status = move_offer(o.status, OfferStatus.WITHDRAWN)
-        o.resolved_at = now()
+        o.resolved_at = t
         tx.notify(counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=o.conversation_id, reason=reason)
-        await requeue_if_unoffered(tx, o.conversation_id)
+    await requeue_unoffered(tx, convs)
 
 
 async def list_offers(core: Core, who: Principal) -> dict[str, Any]:

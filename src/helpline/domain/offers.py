@@ -56,13 +56,6 @@ def _requeue(tx: Tx, conv: Conversation, *, wake: bool = True) -> None:
     tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
 
 
-async def requeue_if_unoffered(tx: Tx, conversation_id: str) -> None:
-    """An offered conversation with no pending offer left goes back to the queue, keeping its place."""
-    conv = await tx.session.get(Conversation, conversation_id, with_for_update=True)
-    if conv is not None:
-        await requeue_unoffered(tx, [conv])
-
-
 # Those of conversations ``:ids`` that still have a pending offer (built once: see routing.hunt).
 _STILL_OFFERED = (
     select(Offer.conversation_id)

@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from helpline import metrics
 from helpline.domain.core import Core, now
-from helpline.domain.counselors import _withdraw_offers_of as withdraw_offers_of
+from helpline.domain.counselors import withdraw_offers_of
 from helpline.domain.presence import PresenceChange
 from helpline.domain.sites import AsteriskConfig, Site
 from helpline.store.models import Agent, PhoneState, User
