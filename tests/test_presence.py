@@ -2,9 +2,9 @@
 what going offline does to the offers a counselor still has.
 
 For ``leastrecent`` and ``roundrobin`` (strategies the store orders) a round reads only the first
-few free counselors in the strategy's order, not every free counselor of the site with their load. These tests pin
-that it changes nothing a counselor or a child sees: the same candidates, the same loads, the same
-counselor offered each conversation, on SQLite and on PostgreSQL.
+few free counselors in the strategy's order, not every free counselor of the site with their load.
+These tests pin that it changes nothing a counselor or a child sees: the same candidates, the same
+loads, the same counselor offered each conversation, on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
