@@ -155,20 +155,28 @@ _HEAD_OF_GIVEN = (
     .where(_OTHER.c.status == "pending", _OTHER.c.conversation_id == _GIVEN.c.conversation_id)
     .scalar_subquery()
 )
+# The due, unclaimed heads of the given events' conversations, leased in the statement that finds
+# them. ``status`` again: on PostgreSQL a head another instance has just sent is re-checked here
+# once its lock is released (the subquery saw it still pending). ``|| ''`` keeps SQLite on the
+# primary key (see _RECORD_SENT).
+_CLAIMABLE = _OUTBOX.alias("claimable")
 _CLAIM = (
-    select(_O.id, _O.conversation_id, _O.site, _O.target, _O.event, _O.message_ref, _O.payload, _O.attempts)
-    # ``status`` again: on PostgreSQL a head another instance has just sent is re-checked here once
-    # its lock is released (the subquery saw it still pending). ``|| ''`` keeps SQLite on the
-    # primary key (see _RECORD_SENT).
+    update(_OUTBOX)
     .where(
-        _O.id.in_(select(_HEAD_OF_GIVEN).where(_GIVEN.c.id.in_(_IDS))),
-        _O.status.concat("") == "pending",
-        _O.next_attempt_at <= _T,
-        _O.claimed_until < _T,
+        _O.id.in_(
+            select(_CLAIMABLE.c.id)
+            .where(
+                _CLAIMABLE.c.id.in_(select(_HEAD_OF_GIVEN).where(_GIVEN.c.id.in_(_IDS))),
+                _CLAIMABLE.c.status.concat("") == "pending",
+                _CLAIMABLE.c.next_attempt_at <= _T,
+                _CLAIMABLE.c.claimed_until < _T,
+            )
+            .with_for_update(skip_locked=True, of=_CLAIMABLE)
+        )
     )
-    .with_for_update(skip_locked=True, of=_OUTBOX)
+    .values(claimed_until=bindparam("lease", type_=Float))
+    .returning(_O.id, _O.conversation_id, _O.site, _O.target, _O.event, _O.message_ref, _O.payload, _O.attempts)
 )
-_LEASE = update(_OUTBOX).where(_O.id.in_(_IDS)).values(claimed_until=bindparam("lease", type_=Float))
 _RECORD_SENT = (
     update(_OUTBOX)
     # ``status || ''``: by the primary key. On ``status = ?`` with an id list SQLite's planner
@@ -511,11 +519,8 @@ class OutboxWorker:
         """Lease the due, unclaimed heads of these conversations (each given by one of its events)."""
         if not candidates:
             return []
-        rows = (await session.execute(_CLAIM, {"ids": list(candidates.values()), "t": t})).all()
-        if not rows:
-            return []
         lease = t + self.core.settings.outbox_lease_s
-        await session.execute(_LEASE, {"ids": [r.id for r in rows], "lease": lease})
+        rows = (await session.execute(_CLAIM, {"ids": list(candidates.values()), "t": t, "lease": lease})).all()
         order = {conv: i for i, conv in enumerate(candidates)}
         claimed = [_Claimed(*r) for r in rows]
         claimed.sort(key=lambda c: order.get(c.conversation_id, len(order)))
