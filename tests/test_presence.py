@@ -210,6 +210,33 @@ def test_a_conversation_everyone_at_the_head_missed_goes_to_the_next_counselor_i
     assert [(who, status) for _, who, status in pending] == [(3, OfferStatus.PENDING)]
 
 
+async def hunt_a_burst(
+    core: Core, specs: list[dict[str, Any]], count: int, turn: int | None = None
+) -> list[tuple[int, int]]:
+    """``count`` conversations queued at once, one round of hunting (roundrobin's turn after the
+    counselor of index ``turn``): which counselor (by index) was offered which (by queue order)."""
+    ids = await add_counselors(core, specs)
+    queued = []
+    async with core.tx() as tx:
+        bot_id = await tx.session.scalar(select(User.id).where(User.username == "bot"))
+        assert bot_id is not None
+        for i in range(count):
+            conv = conversation(bot_id, ConversationStatus.QUEUED, at=T0 + i)
+            tx.session.add(conv)
+            queued.append(conv.id)
+    hunter = Hunter(core)
+    if turn is not None:
+        hunter._rr_last["ke"] = ids[turn]
+    await hunter.step()
+    async with core.sessionmaker() as session:
+        rows = (
+            await session.execute(
+                select(Offer.conversation_id, Offer.counselor_id).where(Offer.status == OfferStatus.PENDING)
+            )
+        ).all()
+    return sorted((queued.index(c), ids.index(u)) for c, u in rows if c in queued)
+
+
 def test_a_burst_longer_than_the_head_reaches_as_many_counselors_as_it_needs(
     database_url: str, tmp_path: Path, rapidpro: FakeRapidPro, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -217,27 +244,9 @@ def test_a_burst_longer_than_the_head_reaches_as_many_counselors_as_it_needs(
     in queue order, though a round reads two counselors at first."""
     monkeypatch.setattr(hunt, "FIRST_CANDIDATES", 2)
     order = [5, 0, 8, 2, 7, 1, 9, 3, 6, 4]  # last_assigned_at per counselor: least recent first is 1, 5, 3...
+    specs = [{"last_assigned_at": float(a), "assigned": MAX_CHATS - 1} for a in order]
 
-    async def body(core: Core) -> list[tuple[int, int]]:
-        ids = await add_counselors(core, [{"last_assigned_at": float(a), "assigned": MAX_CHATS - 1} for a in order])
-        queued = []
-        async with core.tx() as tx:
-            bot_id = await tx.session.scalar(select(User.id).where(User.username == "bot"))
-            assert bot_id is not None
-            for i in range(7):
-                conv = conversation(bot_id, ConversationStatus.QUEUED, at=T0 + i)
-                tx.session.add(conv)
-                queued.append(conv.id)
-        await Hunter(core).step()
-        async with core.sessionmaker() as session:
-            rows = (
-                await session.execute(
-                    select(Offer.conversation_id, Offer.counselor_id).where(Offer.status == OfferStatus.PENDING)
-                )
-            ).all()
-        return sorted((queued.index(c), ids.index(u)) for c, u in rows if c in queued)
-
-    made = run_with_core(database_url, tmp_path, rapidpro, body)
+    made = run_with_core(database_url, tmp_path, rapidpro, lambda core: hunt_a_burst(core, specs, 7))
     by_recency = sorted(range(len(order)), key=lambda i: order[i])
     assert made == list(enumerate(by_recency[:7]))
 
@@ -248,29 +257,11 @@ def test_roundrobin_offers_a_burst_in_turn_and_wraps_around_reading_two_at_first
     """Seven queued at once, room for one more each, the turn after the seventh of ten counselors:
     the eighth, ninth and tenth get one each, then the first four, in queue order."""
     monkeypatch.setattr(hunt, "FIRST_CANDIDATES", 2)
+    specs: list[dict[str, Any]] = [{"assigned": MAX_CHATS - 1} for _ in range(10)]
 
-    async def body(core: Core) -> list[tuple[int, int]]:
-        ids = await add_counselors(core, [{"assigned": MAX_CHATS - 1} for _ in range(10)])
-        queued = []
-        async with core.tx() as tx:
-            bot_id = await tx.session.scalar(select(User.id).where(User.username == "bot"))
-            assert bot_id is not None
-            for i in range(7):
-                conv = conversation(bot_id, ConversationStatus.QUEUED, at=T0 + i)
-                tx.session.add(conv)
-                queued.append(conv.id)
-        hunter = Hunter(core)
-        hunter._rr_last["ke"] = ids[6]
-        await hunter.step()
-        async with core.sessionmaker() as session:
-            rows = (
-                await session.execute(
-                    select(Offer.conversation_id, Offer.counselor_id).where(Offer.status == OfferStatus.PENDING)
-                )
-            ).all()
-        return sorted((queued.index(c), ids.index(u)) for c, u in rows if c in queued)
-
-    made = run_with_core(database_url, tmp_path, rapidpro, body, strategy="roundrobin")
+    made = run_with_core(
+        database_url, tmp_path, rapidpro, lambda core: hunt_a_burst(core, specs, 7, turn=6), strategy="roundrobin"
+    )
     assert made == list(enumerate([7, 8, 9, 0, 1, 2, 3]))
 
 
