@@ -77,17 +77,18 @@ def _statement(*, phones: bool, last_offer: bool, first: str | None) -> Select[i
     )
     load = assigned_n + pending_n
     limit = bindparam("first", type_=Integer)
-    free = select(
+    with_room = select(
         Agent.user_id,
         load.label("active"),
         Agent.last_assigned_at,
         _last_offer_at(slug, last_offer).label("last_offer_at"),
     ).where(*_free(slug, phones), load < bindparam("max_chats", type_=Integer))
-    if first == "leastrecent":  # ix_agents_site_status_assigned
-        return free.order_by(Agent.last_assigned_at, Agent.user_id).limit(limit)
-    # roundrobin, along ix_agents_site_status_user: the ids in (:after, :upto], lowest first.
-    span = (Agent.user_id > bindparam("after", type_=Integer), Agent.user_id <= bindparam("upto", type_=Integer))
-    return free.where(*span).order_by(Agent.user_id).limit(limit)
+    if first == "leastrecent":  # along ix_agents_site_status_assigned
+        return with_room.order_by(Agent.last_assigned_at, Agent.user_id).limit(limit)
+    if first == "roundrobin":  # along ix_agents_site_status_user: the ids in (:after, :upto], lowest first
+        span = (Agent.user_id > bindparam("after", type_=Integer), Agent.user_id <= bindparam("upto", type_=Integer))
+        return with_room.where(*span).order_by(Agent.user_id).limit(limit)
+    raise ValueError(f"the store keeps no order for strategy {first!r}")
 
 
 def _free(slug: BindParameter[str], phones: bool) -> list[ColumnElement[bool]]:
