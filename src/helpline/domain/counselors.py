@@ -106,6 +106,7 @@ async def withdraw_offers_of(tx: Tx, counselor_id: int, *, reason: str) -> None:
             .where(Conversation.id.in_(conversation_ids))
             .order_by(Conversation.id)
             .with_for_update()
+            .execution_options(populate_existing=True)  # as locked, whatever the session held
         )
     ).all()
     offers = (await tx.session.scalars(select(Offer).where(*mine).with_for_update())).all()
