@@ -130,7 +130,7 @@ class Listener:
             except Exception:
                 log.exception("bus message dropped")
             finally:
-                self._pumping = not self._queue.empty()
+                self._pumping = False  # messages still queued keep _on_notify queueing behind them
 
     def _hand_over(self, msg: Message) -> None:
         try:
