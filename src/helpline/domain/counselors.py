@@ -201,9 +201,10 @@ async def decline_offer(core: Core, who: Principal, offer_id: int) -> dict[str, 
         conv = await lock_conversation_of(tx, offer_id)  # before the offer: see lock_conversation_of
         if conv is None:
             raise NotFound(f"no offer {offer_id}")
-        offer = _check_offer(await tx.session.get(Offer, offer_id, with_for_update=True), who, offer_id, now())
+        t = now()
+        offer = _check_offer(await tx.session.get(Offer, offer_id, with_for_update=True), who, offer_id, t)
         offer.status = move_offer(offer.status, OfferStatus.DECLINED)
-        offer.resolved_at = now()
+        offer.resolved_at = t
         await requeue_unoffered(tx, [conv])
         tx.wake_hunter = True
         return {"id": offer.id, "status": offer.status}
