@@ -164,24 +164,21 @@ def test_a_new_conversation_in_a_batch_takes_the_one_message_path(env: Env) -> N
     assert all(isinstance(r, Answer) for r in results), results
     assert [r.body["created"] for r in results if isinstance(r, Answer)].count(True) == 1
     assert [t for _, t in stored(env, a)] == ["hello", "x"]
-    assert sorted(m["text"] for m in bot.messages("new").json()["results"]) == ["first", "second"]
     offer = amina.wait_for("offer", lambda e: e["offer"]["conversation"]["chat_session"] == "new")
-    assert offer["offer"]["conversation"]["chat_session"] == "new"
+    # The second waited for the first to create the conversation: stored once each, in order.
+    assert [t for _, t in stored(env, offer["offer"]["conversation"]["id"])] == ["first", "second"]
 
 
-def test_a_batch_that_fails_is_retried_one_message_at_a_time(env: Env) -> None:
-    """A message the store refuses (here: its id already stored without an idempotency record)
-    fails alone; the others of its transaction are written once each."""
-    bot = env.chatbot()
-    amina = env.counselor("amina", name="Amina")
-    a = assigned(env, bot, amina, "fails")
+def plant_a_clash(env: Env, conversation_id: str) -> None:
+    """A message with id "clash" stored without its idempotency record: a batch storing a
+    message with that id fails as a whole (the unique constraint of message ids)."""
 
     async def plant() -> None:
         async with env.server.core.tx() as tx:
             await tx.session.execute(
                 insert(Message).values(
                     uuid="00000000-0000-4000-8000-000000000001",
-                    conversation_id=a,
+                    conversation_id=conversation_id,
                     direction="in",
                     external_id="clash",
                     text="planted",
@@ -192,22 +189,99 @@ def test_a_batch_that_fails_is_retried_one_message_at_a_time(env: Env) -> None:
             )
 
     env.server.call(plant())
+
+
+def test_a_batch_that_fails_is_retried_one_message_at_a_time(env: Env) -> None:
+    """A message the store refuses fails alone; the others of its transaction are written once
+    each, in the order they arrived."""
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    a = assigned(env, bot, amina, "fails")
+    plant_a_clash(env, a)
     failed = _failed()
-    results = post_together(
-        env, bot, [chat_in("fails", "one", "f-1"), chat_in("fails", "boom", "clash"), chat_in("fails", "two", "f-2")]
-    )
-    one, boom, two = results
+    texts = [f"m{n}" for n in range(1, 9)]  # several: alone, they would race for connections
+    msgs = [chat_in("fails", text, f"f-{n}") for n, text in enumerate(texts)]
+    results = post_together(env, bot, [*msgs[:4], chat_in("fails", "boom", "clash"), *msgs[4:]])
+    boom = results.pop(4)
     assert _failed() == failed + 1
-    assert isinstance(one, Answer) and one.created, one
-    assert isinstance(two, Answer) and two.created, two
+    assert all(isinstance(r, Answer) and r.created for r in results), results
     assert isinstance(boom, Exception) and not isinstance(boom, Answer)
-    assert [t for _, t in stored(env, a)] == ["hello", "planted", "one", "two"]
+    assert [t for _, t in stored(env, a)] == ["hello", "planted", *texts]
 
     async def keys() -> list[str]:
         async with env.server.core.sessionmaker() as s:
             return list(await s.scalars(select(IdempotencyKey.message_id).order_by(IdempotencyKey.id)))
 
     assert "clash" not in env.server.call(keys())
-    # The chatbot's retries of the two stored messages are repeats, not new rows.
-    assert bot.send("fails", "one", message_id="f-1").status_code == 200
-    assert [t for _, t in stored(env, a)] == ["hello", "planted", "one", "two"]
+    # The chatbot's retry of a stored message is a repeat, not a new row.
+    assert bot.send("fails", "m1", message_id="f-0").status_code == 200
+    assert [t for _, t in stored(env, a)] == ["hello", "planted", *texts]
+
+
+def test_a_message_after_a_failed_batch_waits_for_the_ones_retried_alone(env: Env) -> None:
+    """The chat's next message, arriving while the failed batch's messages are stored one at a
+    time, is stored after them, not in the gap between two of them."""
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    a = assigned(env, bot, amina, "after")
+    plant_a_clash(env, a)
+    core = env.server.core
+    token = bot.token
+    assert token is not None
+
+    async def go() -> list[Answer | BaseException]:
+        who: Principal = await authenticate(core, token)
+        failed = _failed()
+        first = [
+            asyncio.create_task(convs.post_chat(core, who, m, path_site=None))
+            for m in (chat_in("after", "one", "f-1"), chat_in("after", "boom", "clash"), chat_in("after", "two", "f-2"))
+        ]
+        for _ in range(100_000):  # until the batch has failed, and handed its messages back
+            if _failed() != failed:
+                break
+            await asyncio.sleep(0)
+        else:
+            raise AssertionError("the batch did not fail")
+        three = asyncio.create_task(convs.post_chat(core, who, chat_in("after", "three", "f-3"), path_site=None))
+        return await asyncio.gather(*first, three, return_exceptions=True)
+
+    one, boom, two, three = env.server.call(go())
+    assert isinstance(boom, Exception) and not isinstance(boom, Answer)
+    assert all(isinstance(r, Answer) and r.created for r in (one, two, three)), (one, two, three)
+    assert [t for _, t in stored(env, a)] == ["hello", "planted", "one", "two", "three"]
+    # The counselor's screen shows them in that order too.
+    amina.wait_for("message", lambda e: e["message"]["text"] == "three")
+    assert [e["message"]["text"] for e in amina.of_type("message")][-3:] == ["one", "two", "three"]
+
+
+def test_a_request_cancelled_while_waiting_its_turn_neither_blocks_nor_skips_the_queue(env: Env) -> None:
+    """A handed-back message whose request goes away (the chatbot hung up) is not stored, and
+    the chat's next message still waits for the ones before it, then is stored."""
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    a = assigned(env, bot, amina, "gone")
+    plant_a_clash(env, a)
+    core = env.server.core
+    token = bot.token
+    assert token is not None
+    texts = ["m1", "m2", "boom", "gone", "m3", "m4"]
+
+    async def go() -> list[Answer | BaseException]:
+        who: Principal = await authenticate(core, token)
+        failed = _failed()
+        msgs = [chat_in("gone", t, "clash" if t == "boom" else t) for t in texts]
+        tasks = [asyncio.create_task(convs.post_chat(core, who, m, path_site=None)) for m in msgs]
+        for _ in range(100_000):
+            if _failed() != failed:
+                break
+            await asyncio.sleep(0)
+        else:
+            raise AssertionError("the batch did not fail")
+        tasks[3].cancel()  # handed back, waiting for m1, m2 and boom
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+
+    results = env.server.call(go())
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert isinstance(results[2], Exception) and not isinstance(results[2], Answer)
+    assert all(isinstance(results[i], Answer) for i in (0, 1, 4, 5)), results
+    assert [t for _, t in stored(env, a)] == ["hello", "planted", "m1", "m2", "m3", "m4"]

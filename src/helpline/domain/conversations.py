@@ -15,7 +15,7 @@ from helpline.domain import notices
 from helpline.domain.auth import Principal, Role
 from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.inbound import Answer, ChatIn, Handback, InboundBatcher, refreshed_contact, repeat_answer
+from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, refreshed_contact, repeat_answer
 from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
 from helpline.store.db import is_sqlite
@@ -36,15 +36,16 @@ async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str |
     _require_chatbot(who, path_site)
     if core.inbound is None:
         core.inbound = InboundBatcher(core, max_in_flight=1 if is_sqlite(core.settings.database_url) else 4)
-    answer = await core.inbound.submit(who, msg, path_site)  # a message continuing a conversation
-    if isinstance(answer, Answer):
-        return answer
-    try:
-        return await _post_chat(core, who, msg, path_site=path_site, new=answer is Handback.NEW)
-    except IntegrityError:
-        # A concurrent request with the same message_id or chat_session won the race: its row is
-        # committed now, so the second try finds it (a repeat, or the conversation to add to).
-        return await _post_chat(core, who, msg, path_site=path_site)
+
+    async def alone(new: bool) -> Answer:  # what the batch hands back (a new conversation, say)
+        try:
+            return await _post_chat(core, who, msg, path_site=path_site, new=new)
+        except IntegrityError:
+            # A concurrent request with the same message_id or chat_session won the race: its row is
+            # committed now, so the second try finds it (a repeat, or the conversation to add to).
+            return await _post_chat(core, who, msg, path_site=path_site)
+
+    return await core.inbound.submit(who, msg, path_site, alone)
 
 
 async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None, new: bool = False) -> Answer:

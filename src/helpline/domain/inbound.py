@@ -7,21 +7,24 @@ multi-row INSERT of the messages and one of the keys, one commit. Each request g
 answer (or its own error) only after that commit, so a 201 still means "stored".
 
 What the batch does not handle is handed back to the caller's one-message path in
-``domain.conversations``: a new conversation (``Handback.NEW``: its routing, notices and hunter
-wake-up; the batch's read is not repeated there, a conversation created meanwhile trips the unique
-constraint and that path starts again). If the batch's transaction fails as a whole (a constraint a
-concurrent writer tripped, say), every request in it is handed back too (``Handback.ALONE``), and
-each is retried alone: one bad message fails only itself.
+``domain.conversations``: a new conversation (its routing, notices and hunter wake-up; the
+batch's read is not repeated there, a conversation created meanwhile trips the unique constraint
+and that path starts again). If the batch's transaction fails as a whole (a constraint a
+concurrent writer tripped, say), every request in it is handed back too, and each is retried
+alone: one bad message fails only itself.
+
+Handed-back messages keep their order: those of one chat take the one-message path one at a time,
+in the order they arrived (a :class:`_Turn` each, in the chat's lane), and a later batch hands a
+chat's messages back too while that chat's lane is not empty, rather than store them ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
@@ -29,7 +32,7 @@ from sqlalchemy import ColumnElement, Table, and_, insert, or_, select, update
 
 from helpline import metrics
 from helpline.domain.auth import Principal
-from helpline.domain.core import Core, now
+from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict
 from helpline.domain.states import ConversationStatus, Risk
 from helpline.domain.views import message_view
@@ -66,11 +69,34 @@ class Answer:
     body: dict[str, Any]
 
 
-class Handback(enum.Enum):
-    """Why the batch hands a message back to the one-message path."""
+Alone = Callable[[bool], Awaitable[Answer]]
+"""The one-message path for a message the batch hands back; its argument says whether the batch
+found neither the message's ``message_id`` nor its conversation (they need not be read again)."""
 
-    NEW = "new"  # neither its message_id nor its conversation was there when the batch read them
-    ALONE = "alone"  # the batch's transaction failed: the message is retried alone
+ChatKey = tuple[int, str]  # (chatbot id, chat_session)
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A handed-back message's place in its chat's lane: it goes once ``after`` (the message
+    handed back before it in that chat) is done, and sets ``done`` when it is."""
+
+    new: bool
+    after: asyncio.Future[None] | None
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def release(self) -> None:
+        """Let the next message of the lane go, but never before ``after``: a message whose request
+        was cancelled while waiting for its turn still holds its place until then."""
+        if self.after is None or self.after.done():
+            _set(self.done)
+        else:
+            self.after.add_done_callback(lambda _: _set(self.done))
+
+
+def _set(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass
@@ -78,7 +104,11 @@ class _Item:
     who: Principal
     msg: ChatIn
     path_site: str | None
-    future: asyncio.Future[Answer | Handback]
+    future: asyncio.Future[Answer | _Turn]
+
+    @property
+    def chat(self) -> ChatKey:
+        return (self.who.id, self.msg.chat_session)
 
 
 def repeat_answer(first: str, msg: ChatIn) -> Answer:
@@ -105,17 +135,47 @@ class InboundBatcher:
         self._waiting: list[_Item] = []
         self._running: set[asyncio.Task[None]] = set()
         self._kick_scheduled = False
+        # Per chat with handed-back messages not yet stored: the last one's ``done``.
+        self._lanes: dict[ChatKey, asyncio.Future[None]] = {}
 
-    async def submit(self, who: Principal, msg: ChatIn, path_site: str | None) -> Answer | Handback:
-        """Store ``msg`` with others; its answer, or why it takes the one-message path."""
+    async def submit(self, who: Principal, msg: ChatIn, path_site: str | None, alone: Alone) -> Answer:
+        """Store ``msg`` with others, or, if the batch hands it back, by ``alone`` in its turn."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer | Handback] = loop.create_future()
+        future: asyncio.Future[Answer | _Turn] = loop.create_future()
         self._waiting.append(_Item(who, msg, path_site, future))
         if not self._kick_scheduled:
             # After the requests already runnable in this turn of the loop have handed theirs over.
             self._kick_scheduled = True
             loop.call_soon(self._kick)
-        return await future
+        try:
+            outcome = await future
+        except asyncio.CancelledError:
+            # Cancelled after the batch handed it back, before it woke: its place must not block the lane.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                if isinstance(turn := future.result(), _Turn):
+                    turn.release()
+            raise
+        if isinstance(outcome, Answer):
+            return outcome
+        try:
+            if outcome.after is not None:
+                await asyncio.wait({outcome.after})  # unlike an await, it leaves ``after`` alone if cancelled
+            return await alone(outcome.new)
+        finally:
+            outcome.release()
+
+    def _turn(self, item: _Item, new: bool) -> _Turn:
+        """The next place in ``item``'s chat lane. Only a lane's first message can be new: the
+        earlier ones may have created the conversation."""
+        after = self._lanes.get(item.chat)
+        turn = _Turn(new=new and after is None, after=after)
+        self._lanes[item.chat] = turn.done
+        turn.done.add_done_callback(lambda done: self._lane_done(item.chat, done))
+        return turn
+
+    def _lane_done(self, chat: ChatKey, done: asyncio.Future[None]) -> None:
+        if self._lanes.get(chat) is done:  # the lane's last message: the lane is empty
+            del self._lanes[chat]
 
     def _kick(self) -> None:
         self._kick_scheduled = False
@@ -130,143 +190,166 @@ class InboundBatcher:
         self._kick()
 
     async def _run(self, batch: list[_Item]) -> None:
+        outcomes: list[Answer | Exception | _Turn | None] = [None] * len(batch)
+        committed = False
         try:
-            await self._write(batch)
+            await self._write(batch, outcomes)
+            committed = True
         except Exception as exc:  # the whole transaction failed: each message is retried alone
             metrics.INBOUND_BATCH_FAILED.inc()
             log.info("inbound_batch_retried_alone", size=len(batch), error=type(exc).__name__)
         finally:
-            for item in batch:  # handed back: each goes alone, by the one-message path
-                if not item.future.done():
-                    item.future.set_result(Handback.ALONE)
+            if not committed:  # failed, or cancelled
+                self._hand_back_the_rest(batch, outcomes)
+            for item, outcome in zip(batch, outcomes, strict=True):
+                assert outcome is not None
+                if item.future.done():  # its request was cancelled
+                    if isinstance(outcome, _Turn):
+                        outcome.release()
+                elif isinstance(outcome, Exception):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
 
-    async def _write(self, batch: list[_Item]) -> None:
+    def _hand_back_the_rest(self, batch: list[_Item], outcomes: list[Answer | Exception | _Turn | None]) -> None:
+        """Every message not already handed back is, in batch order, to be stored alone."""
+        for i, item in enumerate(batch):
+            if not isinstance(outcomes[i], _Turn):
+                outcomes[i] = self._turn(item, new=False)
+
+    async def _write(self, batch: list[_Item], outcomes: list[Answer | Exception | _Turn | None]) -> None:
+        """Fills in ``outcomes``. If a statement fails, every message is handed back before the
+        transaction rolls back, so before its locks let a later batch at the same conversations:
+        that batch finds their lanes and hands its messages of them back too, after these. (A
+        failed commit hands them back in ``_run``, just after the locks are gone.)"""
         metrics.INBOUND_BATCH.observe(len(batch))
         t = now()
-        outcomes: list[Answer | Exception | Handback] = [Handback.ALONE] * len(batch)
         async with self.core.tx() as tx:
-            conn = await tx.session.connection()
-            firsts: dict[tuple[int, str], str] = {}
-            keys = {(it.who.id, it.msg.message_id) for it in batch if it.msg.message_id is not None}
-            if keys:
-                rows = await conn.execute(
-                    select(_K.c.chatbot_id, _K.c.message_id, _K.c.response).where(
-                        _pairs_in(_K.c.chatbot_id, _K.c.message_id, keys)
-                    )
-                )
-                firsts = {(r.chatbot_id, r.message_id): r.response for r in rows}
-            sessions = {(it.who.id, it.msg.chat_session) for it in batch}
+            try:
+                await self._stage(tx, batch, outcomes, t)
+            except BaseException:
+                self._hand_back_the_rest(batch, outcomes)
+                raise
+
+    async def _stage(
+        self, tx: Tx, batch: list[_Item], outcomes: list[Answer | Exception | _Turn | None], t: float
+    ) -> None:
+        conn = await tx.session.connection()
+        firsts: dict[tuple[int, str], str] = {}
+        keys = {(it.who.id, it.msg.message_id) for it in batch if it.msg.message_id is not None}
+        if keys:
             rows = await conn.execute(
-                select(
-                    _C.id,
-                    _C.chatbot_id,
-                    _C.chat_session,
-                    _C.site,
-                    _C.origin_site,
-                    _C.status,
-                    _C.counselor_id,
-                    _C.risk,
-                    _C.risk_rank,
-                    _C.contact_urn,
-                    _C.contact_uuid,
+                select(_K.c.chatbot_id, _K.c.message_id, _K.c.response).where(
+                    _pairs_in(_K.c.chatbot_id, _K.c.message_id, keys)
                 )
-                .where(_pairs_in(_C.chatbot_id, _C.chat_session, sessions))
-                .order_by(_C.id)  # one lock order for every writer
-                .with_for_update()
             )
-            convs = {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows}
-            changed: dict[str, dict[str, Any]] = {}
-            messages: list[dict[str, Any]] = []
-            idem: list[dict[str, Any]] = []
-            placed: list[tuple[int, dict[str, Any]]] = []  # (item index, its conversation) per message
-            for i, it in enumerate(batch):
-                msg = it.msg
-                key = (it.who.id, msg.message_id) if msg.message_id is not None else None
-                try:
-                    if key is not None and key in firsts:
-                        outcomes[i] = repeat_answer(firsts[key], msg)
-                        continue
-                    conv = convs.get((it.who.id, msg.chat_session))
-                    if conv is None:
-                        outcomes[i] = Handback.NEW  # the one-message path creates it
-                        continue
-                    if it.path_site is not None and it.path_site not in (conv["site"], conv["origin_site"]):
-                        raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
-                    if conv["status"] == ConversationStatus.CLOSED:
-                        raise Conflict(f"conversation {msg.chat_session!r} is closed")
-                except Conflict as exc:
-                    outcomes[i] = exc
-                    continue
-                before: Contact = (conv["contact_urn"], conv["contact_uuid"], conv["risk"], conv["risk_rank"])
-                after = refreshed_contact(before, msg)
-                if after != before:
-                    conv.update(zip(_CONTACT, after, strict=True))
-                    changed[conv["id"]] = conv
-                if after[3] != before[3]:  # the queue's order and the dashboards change
-                    tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
-                delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
-                row = {
-                    "uuid": str(uuid.uuid4()),
-                    "conversation_id": conv["id"],
-                    "direction": "in",
-                    "external_id": msg.message_id or str(uuid.uuid4()),
-                    "text": msg.chat_message,
-                    "status": delivery,
-                    "created_at": t,
-                    "status_at": t,
-                }
-                body = {
-                    "status": "success",
-                    "uuid": row["uuid"],
-                    "chat_session": msg.chat_session,
-                    "message_id": row["external_id"],
-                    "delivery": delivery,
-                    "created": False,
-                }
-                messages.append(row)
-                placed.append((i, conv))
-                outcomes[i] = Answer(True, body)
-                if key is not None:
-                    response = json.dumps(body)
-                    firsts[key] = response  # a repeat later in this batch gets this answer
-                    idem.append(
-                        {
-                            "chatbot_id": key[0],
-                            "message_id": key[1],
-                            "conversation_id": conv["id"],
-                            "response": response,
-                            "created_at": t,
-                        }
-                    )
-            for conv in changed.values():
-                await conn.execute(
-                    update(_CONVERSATIONS)
-                    .where(_C.id == conv["id"])
-                    .values(
-                        risk=conv["risk"],
-                        risk_rank=conv["risk_rank"],
-                        contact_urn=conv["contact_urn"],
-                        contact_uuid=conv["contact_uuid"],
-                    )
-                )
-            if messages:
-                ids = (
-                    await conn.execute(insert(_M).returning(_M.c.id, sort_by_parameter_order=True), messages)
-                ).scalars()
-                for row, id_, (_i, conv) in zip(messages, ids, placed, strict=True):
-                    metrics.MESSAGES_IN.labels(conv["site"]).inc()
-                    if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
-                        # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
-                        tx.notify(conv["counselor_id"], "message", message=message_view(Message(id=id_, **row)))
-            if idem:
-                await conn.execute(insert(_K), idem)
-        for item, outcome in zip(batch, outcomes, strict=True):
-            if item.future.done():
+            firsts = {(r.chatbot_id, r.message_id): r.response for r in rows}
+        sessions = {(it.who.id, it.msg.chat_session) for it in batch}
+        rows = await conn.execute(
+            select(
+                _C.id,
+                _C.chatbot_id,
+                _C.chat_session,
+                _C.site,
+                _C.origin_site,
+                _C.status,
+                _C.counselor_id,
+                _C.risk,
+                _C.risk_rank,
+                _C.contact_urn,
+                _C.contact_uuid,
+            )
+            .where(_pairs_in(_C.chatbot_id, _C.chat_session, sessions))
+            .order_by(_C.id)  # one lock order for every writer
+            .with_for_update()
+        )
+        convs = {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows}
+        changed: dict[str, dict[str, Any]] = {}
+        messages: list[dict[str, Any]] = []
+        idem: list[dict[str, Any]] = []
+        placed: list[tuple[int, dict[str, Any]]] = []  # (item index, its conversation) per message
+        for i, it in enumerate(batch):
+            msg = it.msg
+            key = (it.who.id, msg.message_id) if msg.message_id is not None else None
+            if it.chat in self._lanes:  # earlier messages of this chat are still to be stored alone
+                outcomes[i] = self._turn(it, new=False)
                 continue
-            if isinstance(outcome, Exception):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome)
+            try:
+                if key is not None and key in firsts:
+                    outcomes[i] = repeat_answer(firsts[key], msg)
+                    continue
+                conv = convs.get((it.who.id, msg.chat_session))
+                if conv is None:
+                    outcomes[i] = self._turn(it, new=True)  # the one-message path creates it
+                    continue
+                if it.path_site is not None and it.path_site not in (conv["site"], conv["origin_site"]):
+                    raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
+                if conv["status"] == ConversationStatus.CLOSED:
+                    raise Conflict(f"conversation {msg.chat_session!r} is closed")
+            except Conflict as exc:
+                outcomes[i] = exc
+                continue
+            before: Contact = (conv["contact_urn"], conv["contact_uuid"], conv["risk"], conv["risk_rank"])
+            after = refreshed_contact(before, msg)
+            if after != before:
+                conv.update(zip(_CONTACT, after, strict=True))
+                changed[conv["id"]] = conv
+            if after[3] != before[3]:  # the queue's order and the dashboards change
+                tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
+            delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
+            row = {
+                "uuid": str(uuid.uuid4()),
+                "conversation_id": conv["id"],
+                "direction": "in",
+                "external_id": msg.message_id or str(uuid.uuid4()),
+                "text": msg.chat_message,
+                "status": delivery,
+                "created_at": t,
+                "status_at": t,
+            }
+            body = {
+                "status": "success",
+                "uuid": row["uuid"],
+                "chat_session": msg.chat_session,
+                "message_id": row["external_id"],
+                "delivery": delivery,
+                "created": False,
+            }
+            messages.append(row)
+            placed.append((i, conv))
+            outcomes[i] = Answer(True, body)
+            if key is not None:
+                response = json.dumps(body)
+                firsts[key] = response  # a repeat later in this batch gets this answer
+                idem.append(
+                    {
+                        "chatbot_id": key[0],
+                        "message_id": key[1],
+                        "conversation_id": conv["id"],
+                        "response": response,
+                        "created_at": t,
+                    }
+                )
+        for conv in changed.values():
+            await conn.execute(
+                update(_CONVERSATIONS)
+                .where(_C.id == conv["id"])
+                .values(
+                    risk=conv["risk"],
+                    risk_rank=conv["risk_rank"],
+                    contact_urn=conv["contact_urn"],
+                    contact_uuid=conv["contact_uuid"],
+                )
+            )
+        if messages:
+            ids = (await conn.execute(insert(_M).returning(_M.c.id, sort_by_parameter_order=True), messages)).scalars()
+            for row, id_, (_i, conv) in zip(messages, ids, placed, strict=True):
+                metrics.MESSAGES_IN.labels(conv["site"]).inc()
+                if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
+                    # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
+                    tx.notify(conv["counselor_id"], "message", message=message_view(Message(id=id_, **row)))
+        if idem:
+            await conn.execute(insert(_K), idem)
 
 
 def _pairs_in(
