@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, select
 
-from conftest import Env
+from conftest import PG_URL, Env
 from helpline import metrics
 from helpline.domain import conversations as convs
 from helpline.domain.auth import Principal, authenticate
@@ -285,3 +286,41 @@ def test_a_request_cancelled_while_waiting_its_turn_neither_blocks_nor_skips_the
     assert isinstance(results[2], Exception) and not isinstance(results[2], Answer)
     assert all(isinstance(results[i], Answer) for i in (0, 1, 4, 5)), results
     assert [t for _, t in stored(env, a)] == ["hello", "planted", "m1", "m2", "m3", "m4"]
+
+
+@pytest.mark.skipif(not PG_URL, reason="batches run one at a time on SQLite (one writer)")
+def test_a_batch_waits_for_a_running_batch_with_the_same_chat(env: Env) -> None:
+    """A batch running with a message for conversation B, itself waiting for conversation A's row
+    lock, has not locked B yet: the next batch, with B's next message, must not store it first."""
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    ids = {assigned(env, bot, amina, "wait-1"): "wait-1", assigned(env, bot, amina, "wait-2"): "wait-2"}
+    a, b = sorted(ids)  # a batch locks its conversations in id order: A, then B
+    core = env.server.core
+    token = bot.token
+    assert token is not None
+
+    async def go() -> list[Answer | BaseException]:
+        who: Principal = await authenticate(core, token)
+        before = _batches()
+        async with core.sessionmaker() as s, s.begin():  # someone else holds A's row for a while
+            await s.execute(select(Conversation.id).where(Conversation.id == a).with_for_update())
+            first = [
+                asyncio.create_task(convs.post_chat(core, who, chat_in(ids[a], "a1", "w-a1"), path_site=None)),
+                asyncio.create_task(convs.post_chat(core, who, chat_in(ids[b], "b1", "w-b1"), path_site=None)),
+            ]
+            for _ in range(100_000):  # until that batch has started
+                if _batches() != before:
+                    break
+                await asyncio.sleep(0)
+            else:
+                raise AssertionError("the first batch did not start")
+            second = asyncio.create_task(convs.post_chat(core, who, chat_in(ids[b], "b2", "w-b2"), path_site=None))
+            await asyncio.sleep(0.5)  # time enough for a batch not waiting to store b2
+            assert not second.done()
+        return await asyncio.gather(*first, second, return_exceptions=True)
+
+    results = env.server.call(go())
+    assert all(isinstance(r, Answer) and r.created for r in results), results
+    assert [t for _, t in stored(env, b)] == ["hello", "b1", "b2"]
+    assert [t for _, t in stored(env, a)] == ["hello", "a1"]

@@ -21,6 +21,7 @@ chat's messages back too while that chat's lane is not empty, rather than store 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -126,8 +127,9 @@ def repeat_answer(first: str, msg: ChatIn) -> Answer:
 class InboundBatcher:
     """``max_in_flight`` transactions at once: 1 on SQLite (one writer anyway); on PostgreSQL a few,
     so that one batch's commit (its WAL flush) overlaps the next batch's statements. Messages of
-    one conversation in two batches still go in order: each batch locks its conversations first,
-    in id order, so the later batch waits for the earlier one's commit."""
+    one chat in two batches still go in order: a batch with a chat of a batch still running starts
+    once that one has ended (row locks alone would not do: the earlier batch may still be waiting
+    for another conversation's lock when the later one takes this one's)."""
 
     def __init__(self, core: Core, max_in_flight: int = 1) -> None:
         self.core = core
@@ -137,6 +139,9 @@ class InboundBatcher:
         self._kick_scheduled = False
         # Per chat with handed-back messages not yet stored: the last one's ``done``.
         self._lanes: dict[ChatKey, asyncio.Future[None]] = {}
+        # Per chat in a running batch: the last batch that has it (the next one waits for it to end,
+        # and then finds the lanes it opened).
+        self._busy: dict[ChatKey, asyncio.Task[None]] = {}
 
     async def submit(self, who: Principal, msg: ChatIn, path_site: str | None, alone: Alone) -> Answer:
         """Store ``msg`` with others, or, if the batch hands it back, by ``alone`` in its turn."""
@@ -181,18 +186,26 @@ class InboundBatcher:
         self._kick_scheduled = False
         while self._waiting and len(self._running) < self.max_in_flight:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-            task = asyncio.create_task(self._run(batch), name="inbound-batch")
+            chats = {item.chat for item in batch}
+            after = {self._busy[chat] for chat in chats if chat in self._busy}
+            task = asyncio.create_task(self._run(batch, after), name="inbound-batch")
+            self._busy.update(dict.fromkeys(chats, task))
             self._running.add(task)
-            task.add_done_callback(self._done)
+            task.add_done_callback(functools.partial(self._done, chats))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, chats: set[ChatKey], task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        for chat in chats:
+            if self._busy.get(chat) is task:  # no later batch has this chat
+                del self._busy[chat]
         self._kick()
 
-    async def _run(self, batch: list[_Item]) -> None:
+    async def _run(self, batch: list[_Item], after: set[asyncio.Task[None]]) -> None:
         outcomes: list[Answer | Exception | _Turn | None] = [None] * len(batch)
         committed = False
         try:
+            if after:  # batches before it with some of its chats (a wait does not cancel them)
+                await asyncio.wait(after)
             await self._write(batch, outcomes)
             committed = True
         except Exception as exc:  # the whole transaction failed: each message is retried alone
