@@ -9,6 +9,7 @@ see: every message stored once, answers as if each had been posted alone, order 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -37,19 +38,33 @@ def chat_in(session: str, text: str, message_id: str | None = None, **extra: Any
     )
 
 
-def post_together(env: Env, bot: FakeChatbot, msgs: list[ChatIn]) -> list[Answer | Exception]:
-    """Post ``msgs`` at once, as concurrent requests do: all handed over before any is written."""
-    core = env.server.core
-
+def principal(env: Env, bot: FakeChatbot) -> Principal:
     token = bot.token
     assert token is not None
+    return env.server.call(authenticate(env.server.core, token))
+
+
+def posting(env: Env, who: Principal, msg: ChatIn) -> asyncio.Task[Answer]:
+    """``msg`` posted as a request of its own, on the server's loop (call it there)."""
+    return asyncio.create_task(convs.post_chat(env.server.core, who, msg, path_site=None))
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the server's loop run until ``condition`` holds."""
+    for _ in range(100_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never: {what}")
+
+
+def post_together(env: Env, bot: FakeChatbot, msgs: list[ChatIn]) -> list[Answer | Exception]:
+    """Post ``msgs`` at once, as concurrent requests do: all handed over before any is written."""
+    who = principal(env, bot)
 
     async def go() -> list[Answer | Exception]:
-        who: Principal = await authenticate(core, token)
         before = _batches()
-        results = await asyncio.gather(
-            *(convs.post_chat(core, who, m, path_site=None) for m in msgs), return_exceptions=True
-        )
+        results = await asyncio.gather(*(posting(env, who, m) for m in msgs), return_exceptions=True)
         assert _batches() == before + 1, "the messages were not handed over together"
         return [r if isinstance(r, Answer | Exception) else Exception(repr(r)) for r in results]
 
@@ -226,24 +241,14 @@ def test_a_message_after_a_failed_batch_waits_for_the_ones_retried_alone(env: En
     amina = env.counselor("amina", name="Amina")
     a = assigned(env, bot, amina, "after")
     plant_a_clash(env, a)
-    core = env.server.core
-    token = bot.token
-    assert token is not None
+    who = principal(env, bot)
 
     async def go() -> list[Answer | BaseException]:
-        who: Principal = await authenticate(core, token)
         failed = _failed()
-        first = [
-            asyncio.create_task(convs.post_chat(core, who, m, path_site=None))
-            for m in (chat_in("after", "one", "f-1"), chat_in("after", "boom", "clash"), chat_in("after", "two", "f-2"))
-        ]
-        for _ in range(100_000):  # until the batch has failed, and handed its messages back
-            if _failed() != failed:
-                break
-            await asyncio.sleep(0)
-        else:
-            raise AssertionError("the batch did not fail")
-        three = asyncio.create_task(convs.post_chat(core, who, chat_in("after", "three", "f-3"), path_site=None))
+        sent = (("one", "f-1"), ("boom", "clash"), ("two", "f-2"))
+        first = [posting(env, who, chat_in("after", text, message_id)) for text, message_id in sent]
+        await until(lambda: _failed() != failed, "the batch failed, and handed its messages back")
+        three = posting(env, who, chat_in("after", "three", "f-3"))
         return await asyncio.gather(*first, three, return_exceptions=True)
 
     one, boom, two, three = env.server.call(go())
@@ -262,22 +267,13 @@ def test_a_request_cancelled_while_waiting_its_turn_neither_blocks_nor_skips_the
     amina = env.counselor("amina", name="Amina")
     a = assigned(env, bot, amina, "gone")
     plant_a_clash(env, a)
-    core = env.server.core
-    token = bot.token
-    assert token is not None
+    who = principal(env, bot)
     texts = ["m1", "m2", "boom", "gone", "m3", "m4"]
 
     async def go() -> list[Answer | BaseException]:
-        who: Principal = await authenticate(core, token)
         failed = _failed()
-        msgs = [chat_in("gone", t, "clash" if t == "boom" else t) for t in texts]
-        tasks = [asyncio.create_task(convs.post_chat(core, who, m, path_site=None)) for m in msgs]
-        for _ in range(100_000):
-            if _failed() != failed:
-                break
-            await asyncio.sleep(0)
-        else:
-            raise AssertionError("the batch did not fail")
+        tasks = [posting(env, who, chat_in("gone", t, "clash" if t == "boom" else t)) for t in texts]
+        await until(lambda: _failed() != failed, "the batch failed, and handed its messages back")
         tasks[3].cancel()  # handed back, waiting for m1, m2 and boom
         return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
 
@@ -297,25 +293,15 @@ def test_a_batch_waits_for_a_running_batch_with_the_same_chat(env: Env) -> None:
     ids = {assigned(env, bot, amina, "wait-1"): "wait-1", assigned(env, bot, amina, "wait-2"): "wait-2"}
     a, b = sorted(ids)  # a batch locks its conversations in id order: A, then B
     core = env.server.core
-    token = bot.token
-    assert token is not None
+    who = principal(env, bot)
 
     async def go() -> list[Answer | BaseException]:
-        who: Principal = await authenticate(core, token)
         before = _batches()
         async with core.sessionmaker() as s, s.begin():  # someone else holds A's row for a while
             await s.execute(select(Conversation.id).where(Conversation.id == a).with_for_update())
-            first = [
-                asyncio.create_task(convs.post_chat(core, who, chat_in(ids[a], "a1", "w-a1"), path_site=None)),
-                asyncio.create_task(convs.post_chat(core, who, chat_in(ids[b], "b1", "w-b1"), path_site=None)),
-            ]
-            for _ in range(100_000):  # until that batch has started
-                if _batches() != before:
-                    break
-                await asyncio.sleep(0)
-            else:
-                raise AssertionError("the first batch did not start")
-            second = asyncio.create_task(convs.post_chat(core, who, chat_in(ids[b], "b2", "w-b2"), path_site=None))
+            first = [posting(env, who, chat_in(ids[a], "a1", "w-a1")), posting(env, who, chat_in(ids[b], "b1", "w-b1"))]
+            await until(lambda: _batches() != before, "the first batch started")
+            second = posting(env, who, chat_in(ids[b], "b2", "w-b2"))
             await asyncio.sleep(0.5)  # time enough for a batch not waiting to store b2
             assert not second.done()
         return await asyncio.gather(*first, second, return_exceptions=True)
