@@ -33,7 +33,7 @@ from sqlalchemy import ColumnElement, Table, and_, insert, or_, select, update
 
 from helpline import metrics
 from helpline.domain.auth import Principal
-from helpline.domain.core import Core, Tx, now
+from helpline.domain.core import Core, now
 from helpline.domain.errors import Conflict
 from helpline.domain.states import ConversationStatus, Risk
 from helpline.domain.views import message_view
@@ -231,138 +231,128 @@ class InboundBatcher:
                 outcomes[i] = self._turn(item, new=False)
 
     async def _write(self, batch: list[_Item], outcomes: list[Answer | Exception | _Turn | None]) -> None:
-        """Fills in ``outcomes``. If a statement fails, every message is handed back before the
-        transaction rolls back, so before its locks let a later batch at the same conversations:
-        that batch finds their lanes and hands its messages of them back too, after these. (A
-        failed commit hands them back in ``_run``, just after the locks are gone.)"""
+        """Fills in ``outcomes``; they stand if it returns (committed)."""
         metrics.INBOUND_BATCH.observe(len(batch))
         t = now()
         async with self.core.tx() as tx:
-            try:
-                await self._stage(tx, batch, outcomes, t)
-            except BaseException:
-                self._hand_back_the_rest(batch, outcomes)
-                raise
-
-    async def _stage(
-        self, tx: Tx, batch: list[_Item], outcomes: list[Answer | Exception | _Turn | None], t: float
-    ) -> None:
-        conn = await tx.session.connection()
-        firsts: dict[tuple[int, str], str] = {}
-        keys = {(it.who.id, it.msg.message_id) for it in batch if it.msg.message_id is not None}
-        if keys:
+            conn = await tx.session.connection()
+            firsts: dict[tuple[int, str], str] = {}
+            keys = {(it.who.id, it.msg.message_id) for it in batch if it.msg.message_id is not None}
+            if keys:
+                rows = await conn.execute(
+                    select(_K.c.chatbot_id, _K.c.message_id, _K.c.response).where(
+                        _pairs_in(_K.c.chatbot_id, _K.c.message_id, keys)
+                    )
+                )
+                firsts = {(r.chatbot_id, r.message_id): r.response for r in rows}
+            sessions = {(it.who.id, it.msg.chat_session) for it in batch}
             rows = await conn.execute(
-                select(_K.c.chatbot_id, _K.c.message_id, _K.c.response).where(
-                    _pairs_in(_K.c.chatbot_id, _K.c.message_id, keys)
+                select(
+                    _C.id,
+                    _C.chatbot_id,
+                    _C.chat_session,
+                    _C.site,
+                    _C.origin_site,
+                    _C.status,
+                    _C.counselor_id,
+                    _C.risk,
+                    _C.risk_rank,
+                    _C.contact_urn,
+                    _C.contact_uuid,
                 )
+                .where(_pairs_in(_C.chatbot_id, _C.chat_session, sessions))
+                .order_by(_C.id)  # one lock order for every writer
+                .with_for_update()
             )
-            firsts = {(r.chatbot_id, r.message_id): r.response for r in rows}
-        sessions = {(it.who.id, it.msg.chat_session) for it in batch}
-        rows = await conn.execute(
-            select(
-                _C.id,
-                _C.chatbot_id,
-                _C.chat_session,
-                _C.site,
-                _C.origin_site,
-                _C.status,
-                _C.counselor_id,
-                _C.risk,
-                _C.risk_rank,
-                _C.contact_urn,
-                _C.contact_uuid,
-            )
-            .where(_pairs_in(_C.chatbot_id, _C.chat_session, sessions))
-            .order_by(_C.id)  # one lock order for every writer
-            .with_for_update()
-        )
-        convs = {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows}
-        changed: dict[str, dict[str, Any]] = {}
-        messages: list[dict[str, Any]] = []
-        idem: list[dict[str, Any]] = []
-        placed: list[tuple[int, dict[str, Any]]] = []  # (item index, its conversation) per message
-        for i, it in enumerate(batch):
-            msg = it.msg
-            key = (it.who.id, msg.message_id) if msg.message_id is not None else None
-            if it.chat in self._lanes:  # earlier messages of this chat are still to be stored alone
-                outcomes[i] = self._turn(it, new=False)
-                continue
-            try:
-                if key is not None and key in firsts:
-                    outcomes[i] = repeat_answer(firsts[key], msg)
+            convs = {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows}
+            changed: dict[str, dict[str, Any]] = {}
+            messages: list[dict[str, Any]] = []
+            idem: list[dict[str, Any]] = []
+            placed: list[tuple[int, dict[str, Any]]] = []  # (item index, its conversation) per message
+            for i, it in enumerate(batch):
+                msg = it.msg
+                key = (it.who.id, msg.message_id) if msg.message_id is not None else None
+                if it.chat in self._lanes:  # earlier messages of this chat are still to be stored alone
+                    outcomes[i] = self._turn(it, new=False)
                     continue
-                conv = convs.get((it.who.id, msg.chat_session))
-                if conv is None:
-                    outcomes[i] = self._turn(it, new=True)  # the one-message path creates it
+                try:
+                    if key is not None and key in firsts:
+                        outcomes[i] = repeat_answer(firsts[key], msg)
+                        continue
+                    conv = convs.get((it.who.id, msg.chat_session))
+                    if conv is None:
+                        outcomes[i] = self._turn(it, new=True)  # the one-message path creates it
+                        continue
+                    if it.path_site is not None and it.path_site not in (conv["site"], conv["origin_site"]):
+                        raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
+                    if conv["status"] == ConversationStatus.CLOSED:
+                        raise Conflict(f"conversation {msg.chat_session!r} is closed")
+                except Conflict as exc:
+                    outcomes[i] = exc
                     continue
-                if it.path_site is not None and it.path_site not in (conv["site"], conv["origin_site"]):
-                    raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
-                if conv["status"] == ConversationStatus.CLOSED:
-                    raise Conflict(f"conversation {msg.chat_session!r} is closed")
-            except Conflict as exc:
-                outcomes[i] = exc
-                continue
-            before: Contact = (conv["contact_urn"], conv["contact_uuid"], conv["risk"], conv["risk_rank"])
-            after = refreshed_contact(before, msg)
-            if after != before:
-                conv.update(zip(_CONTACT, after, strict=True))
-                changed[conv["id"]] = conv
-            if after[3] != before[3]:  # the queue's order and the dashboards change
-                tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
-            delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
-            row = {
-                "uuid": str(uuid.uuid4()),
-                "conversation_id": conv["id"],
-                "direction": "in",
-                "external_id": msg.message_id or str(uuid.uuid4()),
-                "text": msg.chat_message,
-                "status": delivery,
-                "created_at": t,
-                "status_at": t,
-            }
-            body = {
-                "status": "success",
-                "uuid": row["uuid"],
-                "chat_session": msg.chat_session,
-                "message_id": row["external_id"],
-                "delivery": delivery,
-                "created": False,
-            }
-            messages.append(row)
-            placed.append((i, conv))
-            outcomes[i] = Answer(True, body)
-            if key is not None:
-                response = json.dumps(body)
-                firsts[key] = response  # a repeat later in this batch gets this answer
-                idem.append(
-                    {
-                        "chatbot_id": key[0],
-                        "message_id": key[1],
-                        "conversation_id": conv["id"],
-                        "response": response,
-                        "created_at": t,
-                    }
+                before: Contact = (conv["contact_urn"], conv["contact_uuid"], conv["risk"], conv["risk_rank"])
+                after = refreshed_contact(before, msg)
+                if after != before:
+                    conv.update(zip(_CONTACT, after, strict=True))
+                    changed[conv["id"]] = conv
+                if after[3] != before[3]:  # the queue's order and the dashboards change
+                    tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
+                delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
+                row = {
+                    "uuid": str(uuid.uuid4()),
+                    "conversation_id": conv["id"],
+                    "direction": "in",
+                    "external_id": msg.message_id or str(uuid.uuid4()),
+                    "text": msg.chat_message,
+                    "status": delivery,
+                    "created_at": t,
+                    "status_at": t,
+                }
+                body = {
+                    "status": "success",
+                    "uuid": row["uuid"],
+                    "chat_session": msg.chat_session,
+                    "message_id": row["external_id"],
+                    "delivery": delivery,
+                    "created": False,
+                }
+                messages.append(row)
+                placed.append((i, conv))
+                outcomes[i] = Answer(True, body)
+                if key is not None:
+                    response = json.dumps(body)
+                    firsts[key] = response  # a repeat later in this batch gets this answer
+                    idem.append(
+                        {
+                            "chatbot_id": key[0],
+                            "message_id": key[1],
+                            "conversation_id": conv["id"],
+                            "response": response,
+                            "created_at": t,
+                        }
+                    )
+            for conv in changed.values():
+                await conn.execute(
+                    update(_CONVERSATIONS)
+                    .where(_C.id == conv["id"])
+                    .values(
+                        risk=conv["risk"],
+                        risk_rank=conv["risk_rank"],
+                        contact_urn=conv["contact_urn"],
+                        contact_uuid=conv["contact_uuid"],
+                    )
                 )
-        for conv in changed.values():
-            await conn.execute(
-                update(_CONVERSATIONS)
-                .where(_C.id == conv["id"])
-                .values(
-                    risk=conv["risk"],
-                    risk_rank=conv["risk_rank"],
-                    contact_urn=conv["contact_urn"],
-                    contact_uuid=conv["contact_uuid"],
-                )
-            )
-        if messages:
-            ids = (await conn.execute(insert(_M).returning(_M.c.id, sort_by_parameter_order=True), messages)).scalars()
-            for row, id_, (_i, conv) in zip(messages, ids, placed, strict=True):
-                metrics.MESSAGES_IN.labels(conv["site"]).inc()
-                if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
-                    # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
-                    tx.notify(conv["counselor_id"], "message", message=message_view(Message(id=id_, **row)))
-        if idem:
-            await conn.execute(insert(_K), idem)
+            if messages:
+                ids = (
+                    await conn.execute(insert(_M).returning(_M.c.id, sort_by_parameter_order=True), messages)
+                ).scalars()
+                for row, id_, (_i, conv) in zip(messages, ids, placed, strict=True):
+                    metrics.MESSAGES_IN.labels(conv["site"]).inc()
+                    if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
+                        # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
+                        tx.notify(conv["counselor_id"], "message", message=message_view(Message(id=id_, **row)))
+            if idem:
+                await conn.execute(insert(_K), idem)
 
 
 def _pairs_in(
