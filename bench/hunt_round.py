@@ -26,12 +26,12 @@ from sqlalchemy import select, update
 
 import helpline.routing.hunt as hunt_mod
 from bench.common import PG_URL, WORK
-from helpline.domain.core import Core, now
-from helpline.domain.sites import SiteRegistry
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.routing import presence
 from helpline.routing.hunt import Hunter
-from helpline.settings import Settings
+from helpline.runtime.core import Core, now
 from helpline.store.migrate import upgrade
 from helpline.store.models import Agent, Conversation, Offer
 

@@ -67,8 +67,8 @@ async def pile_up(db_url: str, sites_path: str, *, chatbot_id: int, counselor_id
     """Insert the conversations, messages and outbox rows; returns the seconds it took."""
     from sqlalchemy import insert, select
 
+    from helpline.config.sites import SiteRegistry
     from helpline.delivery.rapidpro import build_flow_start, contact_target
-    from helpline.domain.sites import SiteRegistry
     from helpline.store.db import make_engine
     from helpline.store.models import Conversation, Message, OutboxEvent
 

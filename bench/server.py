@@ -118,9 +118,9 @@ def _trace_offers() -> None:
     import orjson
 
     import helpline.api.ws as ws_mod
-    import helpline.domain.core as core_mod
     import helpline.routing.hunt as hunt_mod
-    from helpline.domain.events import EventHub
+    import helpline.runtime.core as core_mod
+    from helpline.runtime.events import EventHub
 
     out = (Path(__file__).parent / ".work" / "trace-offers.jsonl").open("w", buffering=1)
 
@@ -232,7 +232,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from helpline.cli import configure_logging
-    from helpline.settings import Settings
+    from helpline.config.settings import Settings
 
     overrides: dict[str, Any] = {"database_url": args.db}
     if args.sites:

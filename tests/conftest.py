@@ -20,8 +20,8 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from helpline.domain.sites import SiteRegistry
-from helpline.settings import Settings
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.testing.fake_chatbot import FakeChatbot
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro

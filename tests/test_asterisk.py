@@ -21,8 +21,8 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from conftest import PASSWORD, Env
+from helpline.config.sites import AsteriskConfig
 from helpline.domain import auth
-from helpline.domain.sites import AsteriskConfig
 from helpline.routing.asterisk import AsteriskPresence, SiteLink, header
 from helpline.store.models import PhoneState, User
 from helpline.testing.fake_ami import FakeAMI, ReceivedAction

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from conftest import Env, eventually, staff
 from helpline import cli
-from helpline.delivery.outbox import PURGED_PAYLOAD
 from helpline.domain import retention
-from helpline.domain.core import now
+from helpline.domain.outbox import PURGED_PAYLOAD
+from helpline.runtime.core import now
 from helpline.store.models import AuditEntry, Conversation, Message, OutboxEvent, Ticket
 from helpline.testing.fake_weni import FakeWeni
 from weni_support import start_weni, take_offer, weni_env

@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import Env
-from helpline.domain.hours import BusinessHours, is_open, local_iso, next_open, open_since, parse_interval
-from helpline.domain.sites import Site, SiteRegistry
+from helpline.config.hours import BusinessHours, is_open, local_iso, next_open, open_since, parse_interval
+from helpline.config.sites import Site, SiteRegistry
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from routing_support import (
     assert_no_event,

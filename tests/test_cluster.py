@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from conftest import PASSWORD, PG_URL, sites_toml
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.domain.auth import Role, create_user
-from helpline.domain.core import Core
-from helpline.domain.sites import SiteRegistry
-from helpline.settings import Settings
+from helpline.runtime.core import Core
 from helpline.store.migrate import upgrade
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro

@@ -23,7 +23,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy import select
 
 from conftest import PASSWORD, Env
-from helpline.domain.core import now
+from helpline.runtime.core import now
 from helpline.store.models import Conversation, Offer, User
 from helpline.testing.fake_rapidpro import ReceivedStart
 

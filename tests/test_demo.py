@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import helpline.demo
+import helpline.testing.demo
 from conftest import PG_URL
 
 # The demo embeds its own SQLite store whatever the environment says: the PostgreSQL pass would only
@@ -51,7 +51,7 @@ HOPS = [
 def demo_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
     env.update(PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200")
-    src = str(Path(helpline.demo.__file__).resolve().parents[1])
+    src = str(Path(helpline.testing.demo.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     return env
 
@@ -80,7 +80,7 @@ def test_demo_shows_the_conversation_hop_by_hop_then_stops() -> None:
     assert re.search(r"API docs +http://127\.0\.0\.1:\d+/docs", output), output
     assert re.search(r"console +http://127\.0\.0\.1:\d+/console/", output), output
     assert "weni-demo" in output and "amina" in output and "baraka" in output and "supervisor" in output
-    assert f"password       {helpline.demo.DEMO_PASSWORD}" in output
+    assert f"password       {helpline.testing.demo.DEMO_PASSWORD}" in output
 
     stamps = [int(m.group(1)) for m in re.finditer(r"^\+ *(\d+) ms  ", output, re.MULTILINE)]
     assert len(stamps) > 20 and stamps == sorted(stamps), output
@@ -90,7 +90,7 @@ def test_demo_shows_the_conversation_hop_by_hop_then_stops() -> None:
     lapse = re.search(r"^\+ *(\d+) ms  helpline -> Amina +offer #\d+ withdrawn", output, re.MULTILINE)
     assert offer and lapse
     lived_s = (int(lapse.group(1)) - int(offer.group(1))) / 1000
-    assert helpline.demo.OFFER_TIMEOUT_S - 1.0 <= lived_s <= helpline.demo.OFFER_TIMEOUT_S + 1.5, output
+    assert helpline.testing.demo.OFFER_TIMEOUT_S - 1.0 <= lived_s <= helpline.testing.demo.OFFER_TIMEOUT_S + 1.5, output
     assert time.monotonic() - started < 30
 
 
@@ -134,13 +134,13 @@ def test_ctrl_c_after_the_conversation_stops_everything_cleanly() -> None:
 
 def run_in_process(port: int = 0) -> tuple[int, str]:
     out = io.StringIO()
-    code = helpline.demo.run_demo(port=port, seconds=0.1, console=Console(file=out, width=200, no_color=True))
+    code = helpline.testing.demo.run_demo(port=port, seconds=0.1, console=Console(file=out, width=200, no_color=True))
     return code, out.getvalue()
 
 
 def test_a_failing_step_is_reported_and_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(helpline.demo, "quiet_logs", lambda: None)
-    monkeypatch.setattr(helpline.demo, "FIRST_MESSAGE", "")  # the API rejects an empty message: 422
+    monkeypatch.setattr(helpline.testing.demo, "quiet_logs", lambda: None)
+    monkeypatch.setattr(helpline.testing.demo, "FIRST_MESSAGE", "")  # the API rejects an empty message: 422
     code, output = run_in_process()
     assert code == 1, output
     assert re.search(r"chatbot +-> helpline +POST /api/chat/ 422", output), output
@@ -150,7 +150,7 @@ def test_a_failing_step_is_reported_and_exits_non_zero(monkeypatch: pytest.Monke
 
 
 def test_a_busy_port_is_reported_and_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(helpline.demo, "quiet_logs", lambda: None)
+    monkeypatch.setattr(helpline.testing.demo, "quiet_logs", lambda: None)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)

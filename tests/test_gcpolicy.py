@@ -1,4 +1,4 @@
-"""The garbage collector's schedule (helpline.gcpolicy): full collections when we say, not under load."""
+"""The garbage collector's schedule (helpline.runtime.gcpolicy): full collections when we say, not under load."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import gc
 from typing import Any
 
-from helpline import gcpolicy
+from helpline.runtime import gcpolicy
 
 
 def test_full_collections_run_on_the_schedule_and_never_on_pythons_count() -> None:

@@ -21,8 +21,8 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import select
 
 from conftest import PASSWORD, Env
+from helpline.config.sites import SiteRegistry
 from helpline.domain import auth
-from helpline.domain.sites import SiteRegistry
 from helpline.store.models import Offer
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.live import LiveServer

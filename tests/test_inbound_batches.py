@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import insert, select
 
 from conftest import PG_URL, Env
-from helpline import metrics
 from helpline.domain import conversations as convs
 from helpline.domain.auth import Principal, authenticate
 from helpline.domain.errors import Conflict
 from helpline.domain.inbound import Answer, ChatIn
 from helpline.domain.states import Risk
+from helpline.runtime import metrics
 from helpline.store.models import Conversation, IdempotencyKey, Message
 from helpline.testing.fake_chatbot import FakeChatbot
 from helpline.testing.fake_counselor import FakeCounselor

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PASSWORD, PG_URL, Env
-from helpline.domain.sites import SiteRegistry
+from helpline.config.sites import SiteRegistry
 from helpline.store.bus import CHANNEL, Listener
 from helpline.store.db import make_engine, make_sessionmaker
 from helpline.store.migrate import upgrade

@@ -34,9 +34,9 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from conftest import PASSWORD, PG_URL, eventually, reset_postgres
 from helpline.app import create_app
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.domain.auth import issue_service_token
-from helpline.domain.sites import SiteRegistry
-from helpline.settings import Settings
 from helpline.store.models import (
     Agent,
     AuditEntry,

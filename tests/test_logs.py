@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from conftest import PASSWORD, Env, eventually
 from helpline.cli import configure_logging
-from helpline.logs import UVICORN_LOGGERS, redact
+from helpline.runtime.logs import UVICORN_LOGGERS, redact
 from helpline.store.db import make_engine
 from helpline.store.migrate import upgrade
 from helpline.store.models import Conversation, Message, OutboxEvent

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from conftest import Env
-from helpline.domain.sites import RoutingConfig, Site, SiteRegistry
+from helpline.config.sites import RoutingConfig, Site, SiteRegistry
 from helpline.routing.overflow import due_at, overflow_due, overflow_target
 from helpline.store.models import Conversation
 from helpline.testing.fake_counselor import FakeCounselor

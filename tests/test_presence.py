@@ -20,15 +20,15 @@ import pytest
 from sqlalchemy import select
 
 from conftest import sites_toml
-from helpline.domain.core import Core
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.domain.counselors import withdraw_offers_of
-from helpline.domain.sites import SiteRegistry
 from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.routing import hunt
 from helpline.routing.hunt import Hunter
 from helpline.routing.presence import candidates
 from helpline.routing.strategies import Candidate, leastrecent, roundrobin
-from helpline.settings import Settings
+from helpline.runtime.core import Core
 from helpline.store.migrate import upgrade
 from helpline.store.models import Agent, Conversation, Offer, User
 from helpline.testing.fake_rapidpro import FakeRapidPro

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from helpline.config.sites import RapidProConfig
 from helpline.delivery.rapidpro import (
     PART_LIMIT,
     Outcome,
@@ -23,7 +24,6 @@ from helpline.delivery.rapidpro import (
     parse_retry_after,
     split_text,
 )
-from helpline.domain.sites import RapidProConfig
 from helpline.testing.fake_rapidpro import DEFAULT_FLOW, FakeRapidPro
 
 CONTACT_UUID = "5e8f3a7c-2b1d-4c6e-8f9a-0b1c2d3e4f5a"

@@ -22,10 +22,10 @@ from conftest import PASSWORD, PG_URL, Env, sites_toml
 from helpline import cli
 from helpline.api import signing
 from helpline.api.signing import ReplayCache, SignatureError
+from helpline.config.sites import SiteRegistry
 from helpline.domain.auth import SIGNING_SECRET, new_signing_secret, set_signing_secret
-from helpline.domain.core import Core
 from helpline.domain.signatures import CLOCK_MARGIN_S, PURGE_EVERY_S, SeenSignatures
-from helpline.domain.sites import SiteRegistry
+from helpline.runtime.core import Core
 from helpline.store.models import SeenSignature, User
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer

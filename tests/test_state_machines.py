@@ -40,11 +40,12 @@ from sqlalchemy import delete, select, update
 
 from conftest import PASSWORD, sites_toml
 from helpline.app import create_app
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.delivery.rapidpro import split_text
 from helpline.domain import auth
 from helpline.domain.auth import issue_service_token
 from helpline.domain.errors import Conflict
-from helpline.domain.sites import SiteRegistry
 from helpline.domain.states import (
     ConversationStatus,
     OfferStatus,
@@ -54,7 +55,6 @@ from helpline.domain.states import (
     move_offer,
 )
 from helpline.routing.hunt import Hunter
-from helpline.settings import Settings
 from helpline.store.models import Agent, ApiToken, Base, Conversation, LoginFailure, Message, Offer, OutboxEvent, User
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import Env
+from helpline.config.settings import Settings, WeniProject
 from helpline.delivery.weni import Webhook, WeniClient, classify, rfc3339, secrets_for, sign, webhook_base_url
-from helpline.settings import Settings, WeniProject
 from helpline.testing.fake_weni import FakeWeni, ReceivedWebhook, verify_signature, verify_timestamp
 from weni_support import OLD_SECRET, RFC3339, SECRET, reply, start_weni, take_offer, weni_env
 

@@ -7,18 +7,18 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Response
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from sqlalchemy import text
 
-from helpline import console, gcpolicy, metrics
-from helpline.api import cases, counselors, deps, errors, openchs, supervisor, weni, ws
-from helpline.domain.core import Core
+from helpline import console
+from helpline.api import cases, counselors, deps, errors, openchs, ops, supervisor, weni, ws
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.domain.retention import run_retention
-from helpline.domain.sites import SiteRegistry
-from helpline.logs import install_redaction
 from helpline.routing.asterisk import AsteriskPresence
-from helpline.settings import Settings
+from helpline.runtime import gcpolicy
+from helpline.runtime.core import Core
+from helpline.runtime.logs import install_redaction
 from helpline.store.checkpoint import WalCheckpointer
 from helpline.store.db import sqlite_path
 from helpline.store.migrate import upgrade
@@ -99,19 +99,5 @@ def create_app(
     console.install(app)
     app.include_router(ws.router)
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["ops"], responses=errors.responses(503))
-    async def readyz() -> dict[str, str]:
-        core: Core = app.state.core
-        async with core.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-        return {"status": "ready"}
-
-    @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    async def prometheus() -> Response:
-        return Response(await metrics.render(app.state.core), media_type="text/plain; version=0.0.4")
-
+    app.include_router(ops.router)
     return app

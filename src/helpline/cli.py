@@ -10,12 +10,12 @@ import structlog
 import typer
 from rich.console import Console
 
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.domain.auth import Role, create_user, issue_service_token, new_signing_secret, set_signing_secret
-from helpline.domain.core import Core
 from helpline.domain.errors import DomainError
-from helpline.domain.sites import SiteRegistry
 from helpline.domain.views import iso
-from helpline.settings import Settings
+from helpline.runtime.core import Core
 from helpline.store.migrate import upgrade
 
 app = typer.Typer(help="helpline: the chatbot <-> child-helpline bridge", no_args_is_help=True)
@@ -265,9 +265,9 @@ def demo(
     seconds: Annotated[float, typer.Option(help="keep serving this long after the script (0: until Ctrl-C)")] = 0,
 ) -> None:
     """Everything embedded (SQLite, a fake RapidPro, a scripted chatbot and counselors): watch a conversation."""
-    import helpline.demo
+    import helpline.testing.demo
 
-    code = helpline.demo.run_demo(port=port, seconds=seconds, console=console)
+    code = helpline.testing.demo.run_demo(port=port, seconds=seconds, console=console)
     if code:
         raise typer.Exit(code)
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import structlog
 
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.delivery.outbox import OutboxWorker
 from helpline.delivery.rapidpro import RapidProClient
 from helpline.delivery.weni import WeniClient
-from helpline.domain.core import Core
-from helpline.domain.sites import SiteRegistry
 from helpline.routing.hunt import Hunter
-from helpline.settings import Settings
+from helpline.runtime.core import Core
 
 log = structlog.get_logger("helpline.worker")
 

@@ -15,9 +15,9 @@ from starlette.requests import HTTPConnection
 from helpline.api import signing
 from helpline.api.errors import ApiError, _fields_from_validation
 from helpline.domain.auth import Principal, authenticate
-from helpline.domain.core import Core, now
 from helpline.domain.errors import NotAuthenticated
 from helpline.domain.signatures import SeenSignatures
+from helpline.runtime.core import Core, now
 
 log = structlog.get_logger("helpline.api")
 

@@ -9,8 +9,8 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from helpline.domain.auth import Principal, Role, authenticate
-from helpline.domain.core import Core
 from helpline.domain.errors import NotAuthenticated, PermissionDenied
+from helpline.runtime.core import Core
 
 router = APIRouter()
 

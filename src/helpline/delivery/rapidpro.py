@@ -31,7 +31,7 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from helpline.domain.sites import RapidProConfig
+from helpline.config.sites import RapidProConfig
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",

@@ -28,8 +28,8 @@ from typing import Any, Self
 
 import httpx
 
+from helpline.config.settings import Settings
 from helpline.delivery.rapidpro import Outcome, http_client, parse_retry_after
-from helpline.settings import Settings
 
 __all__ = [
     "SIGNATURE_HEADER",

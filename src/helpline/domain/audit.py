@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.domain.auth import Principal
-from helpline.domain.core import Tx, now
 from helpline.domain.views import iso
+from helpline.runtime.core import Tx, now
 from helpline.store.models import AuditEntry
 
 

@@ -13,8 +13,8 @@ from pwdlib import PasswordHash
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from helpline.domain.core import Core, now
 from helpline.domain.errors import Conflict, Invalid, NotAuthenticated, PermissionDenied, RateLimited
+from helpline.runtime.core import Core, now
 from helpline.store.models import ApiToken, LoginFailure, User
 
 ALL_SITES = "*"
@@ -64,6 +64,19 @@ class Principal:
     def require_site(self, slug: str) -> None:
         if not self.may_use_site(slug):
             raise PermissionDenied(f"this account may not act for site {slug!r}")
+
+
+STAFF = (Role.COUNSELOR, Role.SUPERVISOR, Role.ADMIN)
+"""The roles that work conversations (and may read them)."""
+
+
+def require_chatbot(who: Principal, path_site: str | None) -> None:
+    """A chatbot (or admin), and allowed to act for the site named in the path, if any
+    (``/sites/<slug>/...``). Checked before anything is looked up (a repeat's first answer
+    included): an account bound to one site gets 403 for another site's path."""
+    who.require_role(Role.CHATBOT, Role.ADMIN)
+    if path_site is not None:
+        who.require_site(path_site)
 
 
 def _principal(user: User) -> Principal:
@@ -197,28 +210,47 @@ AUTH_CACHE_S = 5.0
 _AUTH_CACHE_MAX = 10_000
 
 
+@dataclass
+class PrincipalCache:
+    """This instance's principals by sha256(token), each remembered until a time; and the lookups in
+    flight (one per token at a time). A component of the core (``PrincipalCache.of(core)``)."""
+
+    entries: dict[str, tuple[Principal, float]] = field(default_factory=dict)
+    pending: dict[str, asyncio.Future[Principal]] = field(default_factory=dict)
+
+    @staticmethod
+    def of(core: Core) -> PrincipalCache:
+        return core.component(PrincipalCache, lambda _core: PrincipalCache())
+
+    def forget_user(self, user_id: int) -> None:
+        for key, (cached, _) in list(self.entries.items()):
+            if cached.id == user_id:
+                self.entries.pop(key, None)
+
+
 async def authenticate(core: Core, token: str) -> Principal:
     if len(token) != 40 or any(c not in "0123456789abcdef" for c in token):
         raise NotAuthenticated("invalid token")
     key = hash_token(token)
     t = now()
-    cached = core.auth_cache.get(key)
+    cache = PrincipalCache.of(core)
+    cached = cache.entries.get(key)
     if cached is not None and cached[1] > t:
         return cached[0]
     # One lookup per token at a time: when a busy chatbot's entry expires, its concurrent
     # requests wait for the first one's answer instead of each reading the database.
-    pending = core.auth_pending.get(key)
+    pending = cache.pending.get(key)
     if pending is not None:
         return await asyncio.shield(pending)
     task = asyncio.ensure_future(_look_up(core, key, t))
-    core.auth_pending[key] = task
+    cache.pending[key] = task
     try:
         return await asyncio.shield(task)
     finally:
         if task.done():
-            core.auth_pending.pop(key, None)
+            cache.pending.pop(key, None)
         else:
-            task.add_done_callback(lambda _t: core.auth_pending.pop(key, None))
+            task.add_done_callback(lambda _t: cache.pending.pop(key, None))
 
 
 async def _look_up(core: Core, key: str, t: float) -> Principal:
@@ -238,14 +270,15 @@ async def _look_up(core: Core, key: str, t: float) -> Principal:
     if not user.active:
         raise NotAuthenticated("account disabled")
     who = _principal(user)
-    if len(core.auth_cache) >= _AUTH_CACHE_MAX:
-        core.auth_cache.clear()
-    core.auth_cache[key] = (who, min(t + AUTH_CACHE_S, tok.expires_at))
+    entries = PrincipalCache.of(core).entries
+    if len(entries) >= _AUTH_CACHE_MAX:
+        entries.clear()
+    entries[key] = (who, min(t + AUTH_CACHE_S, tok.expires_at))
     return who
 
 
 async def revoke_token(core: Core, token: str) -> bool:
-    core.auth_cache.pop(hash_token(token), None)
+    PrincipalCache.of(core).entries.pop(hash_token(token), None)
     async with core.tx() as tx:
         tok = await tx.session.scalar(select(ApiToken).where(ApiToken.key_hash == hash_token(token)))
         if tok is None or tok.revoked_at is not None:
@@ -275,7 +308,5 @@ async def set_signing_secret(
         else:
             user.signing_secret = None
         who = _principal(user)
-    for key, (cached, _) in list(core.auth_cache.items()):
-        if cached.id == who.id:
-            core.auth_cache.pop(key, None)
+    PrincipalCache.of(core).forget_user(who.id)
     return who

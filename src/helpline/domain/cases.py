@@ -14,14 +14,13 @@ from typing import Any
 from sqlalchemy import select
 
 from helpline.domain import audit
-from helpline.domain.auth import Principal, Role
-from helpline.domain.core import Core, now
+from helpline.domain.auth import STAFF, Principal, Role
 from helpline.domain.errors import NotFound
 from helpline.domain.supervision import visible_sites
 from helpline.domain.views import conversation_view, iso, message_view
+from helpline.runtime.core import Core, now
 from helpline.store.models import AuditEntry, Conversation, Message, Offer, User
 
-STAFF = (Role.COUNSELOR, Role.SUPERVISOR, Role.ADMIN)
 FORMAT = "helpline.conversation/1"
 MAX_AUDIT_LIMIT = 500
 

@@ -10,32 +10,22 @@ from typing import Any
 from sqlalchemy import or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
-from helpline import metrics
 from helpline.domain import notices
-from helpline.domain.auth import Principal, Role
-from helpline.domain.core import Core, Tx, now
+from helpline.domain.auth import Principal, require_chatbot
 from helpline.domain.errors import Conflict, Invalid, NotFound
 from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, refreshed_contact, repeat_answer
 from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
-from helpline.store.db import is_sqlite
+from helpline.runtime import metrics
+from helpline.runtime.core import Core, Tx, now
 from helpline.store.models import Agent, Conversation, IdempotencyKey, Message, Offer, User
 
 # Order of a counselor message's delivery as the chatbot reports it; it never goes backwards.
 _OUT_RANK = {"pending": 0, "sent": 1, "delivered": 2, "read": 3}
 
 
-def _require_chatbot(who: Principal, path_site: str | None) -> None:
-    """A chatbot (or admin), and allowed to act for the site named in the path, if any."""
-    who.require_role(Role.CHATBOT, Role.ADMIN)
-    if path_site is not None:
-        who.require_site(path_site)
-
-
 async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
-    _require_chatbot(who, path_site)
-    if core.inbound is None:
-        core.inbound = InboundBatcher(core, max_in_flight=1 if is_sqlite(core.settings.database_url) else 4)
+    require_chatbot(who, path_site)
 
     async def alone(new: bool) -> Answer:  # what the batch hands back (a new conversation, say)
         try:
@@ -45,7 +35,7 @@ async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str |
             # committed now, so the second try finds it (a repeat, or the conversation to add to).
             return await _post_chat(core, who, msg, path_site=path_site)
 
-    return await core.inbound.submit(who, msg, path_site, alone)
+    return await InboundBatcher.of(core).submit(who, msg, path_site, alone)
 
 
 async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None, new: bool = False) -> Answer:
@@ -215,7 +205,7 @@ async def _start_wrapup(core: Core, tx: Tx, conv: Conversation) -> None:
 
 
 async def close_chat(core: Core, who: Principal, chat_session: str, *, path_site: str | None) -> dict[str, Any]:
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     async with core.tx() as tx:
         conv = await _chatbot_conversation(tx, who, chat_session, path_site)
         already = conv.status == ConversationStatus.CLOSED
@@ -234,7 +224,7 @@ async def ack_message(
     core: Core, who: Principal, chat_session: str, message_id: str, status: str, *, path_site: str | None
 ) -> dict[str, Any]:
     """The chatbot says a counselor message reached the client (``delivered``, ``read``) or not."""
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     async with core.tx() as tx:
         conv = await _chatbot_conversation(tx, who, chat_session, path_site)
         m = await tx.session.scalar(
@@ -290,7 +280,7 @@ async def list_chats(
     chat_session: str | None,
     status: str | None,
 ) -> dict[str, Any]:
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     q = select(Conversation).where(Conversation.chatbot_id == who.id)
     if path_site is not None:
         q = q.where(or_(Conversation.site == path_site, Conversation.origin_site == path_site))
@@ -313,7 +303,7 @@ async def list_chats(
 
 
 async def list_chat_messages(core: Core, who: Principal, chat_session: str, *, path_site: str | None) -> dict[str, Any]:
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     async with core.tx() as tx:
         conv = await _chatbot_conversation(tx, who, chat_session, path_site)
         rows = (

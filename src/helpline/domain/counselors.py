@@ -8,21 +8,21 @@ from typing import Any
 
 from sqlalchemy import Integer, Row, String, bindparam, func, or_, select
 
-from helpline import metrics
-from helpline.delivery.outbox import contact_site, enqueue_event, enqueue_message
-from helpline.domain import attachments, audit, hours, notices, tickets
-from helpline.domain.auth import Principal, Role
+from helpline.config import hours
+from helpline.domain import attachments, audit, notices, tickets
+from helpline.domain.auth import STAFF, Principal, Role
 from helpline.domain.conversations import close_conversation
-from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
 from helpline.domain.offers import lock_conversation_of, make_offer, requeue_unoffered
-from helpline.domain.presence import PresenceChange, tell_sink
+from helpline.domain.outbox import contact_site, enqueue_event, enqueue_message
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
 from helpline.domain.views import conversation_view, iso, message_view, offer_view
+from helpline.runtime import metrics
+from helpline.runtime.core import Core, Tx, now
+from helpline.runtime.presence import PresenceChange, tell_sink
 from helpline.store.models import Agent, Conversation, Message, Offer, User
 
 PRESENCE = ("available", "paused", "offline")
-STAFF = (Role.COUNSELOR, Role.SUPERVISOR, Role.ADMIN)
 
 
 async def _agent(tx: Tx, who: Principal) -> Agent:

@@ -31,12 +31,13 @@ from typing import Any, cast
 import structlog
 from sqlalchemy import ColumnElement, Table, and_, insert, or_, select, update
 
-from helpline import metrics
 from helpline.domain.auth import Principal
-from helpline.domain.core import Core, now
 from helpline.domain.errors import Conflict
 from helpline.domain.states import ConversationStatus, Risk
 from helpline.domain.views import message_view
+from helpline.runtime import metrics
+from helpline.runtime.core import Core, now
+from helpline.store.db import is_sqlite
 from helpline.store.models import Conversation, IdempotencyKey, Message
 
 log = structlog.get_logger("helpline.inbound")
@@ -130,6 +131,13 @@ class InboundBatcher:
     one chat in two batches still go in order: a batch with a chat of a batch still running starts
     once that one has ended (row locks alone would not do: the earlier batch may still be waiting
     for another conversation's lock when the later one takes this one's)."""
+
+    @staticmethod
+    def of(core: Core) -> InboundBatcher:
+        """The instance's batcher (a component of the core)."""
+        return core.component(
+            InboundBatcher, lambda c: InboundBatcher(c, max_in_flight=1 if is_sqlite(c.settings.database_url) else 4)
+        )
 
     def __init__(self, core: Core, max_in_flight: int = 1) -> None:
         self.core = core

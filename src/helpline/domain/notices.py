@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import Float, Integer, String, and_, bindparam, cast, func, literal, or_, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from helpline.delivery.outbox import contact_site, enqueue_event
-from helpline.domain import hours
-from helpline.domain.core import Core, Tx
-from helpline.domain.sites import Site
+from helpline.config import hours
+from helpline.config.sites import Site
+from helpline.domain.outbox import contact_site, enqueue_event
 from helpline.domain.states import ConversationStatus
+from helpline.runtime.core import Core, Tx
 from helpline.store.models import Conversation
 
 WAITING = (ConversationStatus.QUEUED.value, ConversationStatus.OFFERED.value)

@@ -6,11 +6,11 @@ from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Integer, bindparam, select
 
-from helpline import metrics
-from helpline.domain.core import Tx
-from helpline.domain.sites import Site
+from helpline.config.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation
 from helpline.domain.views import offer_view
+from helpline.runtime import metrics
+from helpline.runtime.core import Tx
 from helpline.store.models import Conversation, Offer
 
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 
-from helpline.delivery.outbox import PURGED_PAYLOAD, short_reason
-from helpline.domain.core import Core, now
 from helpline.domain.errors import Invalid
+from helpline.domain.outbox import PURGED_PAYLOAD
 from helpline.domain.states import ConversationStatus
+from helpline.runtime.core import Core, now
+from helpline.runtime.logs import short_reason
 from helpline.store.models import Conversation, Message, OutboxEvent, Ticket
 
 log = structlog.get_logger("helpline.retention")

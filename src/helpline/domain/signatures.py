@@ -25,7 +25,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from helpline.domain.core import Core
+from helpline.runtime.core import Core
 from helpline.store.db import is_sqlite
 from helpline.store.models import SeenSignature
 

@@ -15,13 +15,13 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from helpline.delivery.outbox import PURGED_PAYLOAD, replay_dead
 from helpline.domain import audit
 from helpline.domain.auth import ALL_SITES, Principal, Role
-from helpline.domain.core import Core, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
+from helpline.domain.outbox import PURGED_PAYLOAD, replay_dead
 from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.domain.views import iso
+from helpline.runtime.core import Core, now
 from helpline.store.models import Agent, Conversation, Message, Offer, OutboxEvent, User
 
 SUPERVISORS = (Role.SUPERVISOR, Role.ADMIN)

@@ -31,24 +31,23 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from helpline import metrics
-from helpline.delivery.outbox import enqueue_webhook
+from helpline.config.sites import Site
 from helpline.delivery.weni import SOURCE, Webhook, rfc3339, webhook_base_url
 from helpline.domain import attachments as att
-from helpline.domain.auth import ALL_SITES, Principal, Role
+from helpline.domain.auth import ALL_SITES, STAFF, Principal, Role, require_chatbot
 from helpline.domain.conversations import close_conversation
-from helpline.domain.core import Core, Tx, now
 from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.sites import Site
+from helpline.domain.outbox import enqueue_webhook
 from helpline.domain.states import ConversationStatus, Risk
 from helpline.domain.views import conversation_view, message_view
+from helpline.runtime import metrics
+from helpline.runtime.core import Core, Tx, now
 from helpline.store.models import Conversation, Message, Ticket, TicketRequest
 
 T = TypeVar("T")
 
 PRIORITY_RISK: dict[str, Risk] = {"low": Risk.LOW, "normal": Risk.MEDIUM, "high": Risk.HIGH, "urgent": Risk.HIGH}
 CLOSE_REASONS = ("resolved", "abandoned", "transferred", "expired", "cancelled", "other")
-STAFF = (Role.COUNSELOR, Role.SUPERVISOR, Role.ADMIN)
 
 
 # --------------------------------------------------------------------------- errors
@@ -216,17 +215,6 @@ def choose_site(core: Core, who: Principal, *, path_site: str | None, topic_name
     return core.sites.default
 
 
-def _require_chatbot(who: Principal, path_site: str | None) -> None:
-    """A chatbot (or admin), allowed to act for the site of a ``/sites/<slug>/v1/...`` path.
-
-    Checked before anything is looked up (a repeat's first answer included): an account bound to
-    one site gets 403 for another site's path, as on the OpenCHS-style API, whatever the ticket.
-    """
-    who.require_role(Role.CHATBOT, Role.ADMIN)
-    if path_site is not None:
-        who.require_site(path_site)
-
-
 def _risk(priority: str | None) -> Risk:
     return PRIORITY_RISK.get((priority or "normal").lower(), Risk.MEDIUM)
 
@@ -295,7 +283,7 @@ def _reopen(conv: Conversation, t: float, *, counselor_id: int | None) -> None:
 
 async def open_ticket(core: Core, who: Principal, data: OpenIn, keys: RequestKeys, *, path_site: str | None) -> Answer:
     """``POST /v1/tickets``: 201 ``{"external_id", "status": "open", "created_at"}``."""
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _open(core, who, data, keys, path_site))
 
 
@@ -390,7 +378,7 @@ async def add_message(
     core: Core, who: Principal, external_id: str, data: MessageIn, keys: RequestKeys, *, path_site: str | None
 ) -> Answer:
     """``POST /v1/tickets/{external_id}/messages``: 200 ``{"message_external_id", "status": "received"}``."""
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _add_message(core, who, external_id, data, keys, path_site))
 
 
@@ -444,7 +432,7 @@ async def close_ticket(
     core: Core, who: Principal, external_id: str, reason: str | None, keys: RequestKeys, *, path_site: str | None
 ) -> Answer:
     """``POST /v1/tickets/{external_id}/close``: 200 ``{"status": "closed"}``; 409 when already closed."""
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _close(core, who, external_id, reason, keys, path_site))
 
 
@@ -468,7 +456,7 @@ async def reopen_ticket(
     core: Core, who: Principal, external_id: str, keys: RequestKeys, *, path_site: str | None
 ) -> Answer:
     """``POST /v1/tickets/{external_id}/reopen``: the conversation is queued and hunted again."""
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _reopen_ticket(core, who, external_id, keys, path_site))
 
 
@@ -504,7 +492,7 @@ async def add_history(
     already ``sent``, marked with their sender, that nobody sends again. A message already stored
     (same ``message_id``, or same direction, time and text when it has none) is not added twice.
     """
-    _require_chatbot(who, path_site)
+    require_chatbot(who, path_site)
     return await _once_more_on_conflict(lambda: _add_history(core, who, external_id, messages, keys, path_site))
 
 

@@ -32,11 +32,11 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from helpline import metrics
-from helpline.domain.core import Core, now
+from helpline.config.sites import AsteriskConfig, Site
 from helpline.domain.counselors import withdraw_offers_of
-from helpline.domain.presence import PresenceChange
-from helpline.domain.sites import AsteriskConfig, Site
+from helpline.runtime import metrics
+from helpline.runtime.core import Core, now
+from helpline.runtime.presence import PresenceChange
 from helpline.store.models import Agent, PhoneState, User
 
 log = structlog.get_logger("helpline.asterisk")

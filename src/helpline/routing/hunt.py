@@ -39,15 +39,15 @@ from dataclasses import dataclass, field
 import structlog
 from sqlalchemy import CompoundSelect, Float, String, bindparam, cast, exists, func, literal, null, select, union_all
 
-from helpline import metrics
+from helpline.config.sites import Site
 from helpline.domain import notices
-from helpline.domain.core import Core, Tx, now
 from helpline.domain.offers import add_offer, offers_made, requeue_unoffered
-from helpline.domain.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus, move_offer
 from helpline.routing.overflow import overflow_pass
 from helpline.routing.presence import candidates
 from helpline.routing.strategies import STORE_ORDERED_STRATEGIES, Candidate, offers_per_round, order
+from helpline.runtime import metrics
+from helpline.runtime.core import Core, Tx, now
 from helpline.store.models import Agent, Conversation, Offer
 
 log = structlog.get_logger("helpline.hunt")

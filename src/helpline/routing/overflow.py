@@ -22,11 +22,12 @@ from collections.abc import Callable, Collection
 import structlog
 from sqlalchemy import func, select
 
-from helpline.delivery.outbox import contact_site, enqueue_event
-from helpline.domain import hours, notices
-from helpline.domain.core import Core, Tx
-from helpline.domain.sites import Site, SiteRegistry
+from helpline.config import hours
+from helpline.config.sites import Site, SiteRegistry
+from helpline.domain import notices
+from helpline.domain.outbox import contact_site, enqueue_event
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation
+from helpline.runtime.core import Core, Tx
 from helpline.store.models import Agent, Conversation, Offer
 
 log = structlog.get_logger("helpline.overflow")

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from helpline.domain.sites import Site
+from helpline.config.sites import Site
 from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.routing.strategies import LAST_OFFER_STRATEGIES, STORE_ORDERED_STRATEGIES, Candidate
 from helpline.store.models import Agent, Conversation, Offer, PhoneState

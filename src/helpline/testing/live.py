@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 import uvicorn
 
 from helpline.app import create_app
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.domain.auth import Principal, Role, create_user
-from helpline.domain.core import Core
-from helpline.domain.sites import SiteRegistry
-from helpline.settings import Settings
+from helpline.runtime.core import Core
 
 T = TypeVar("T")
 

@@ -5,23 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from helpline.domain.events import Event, EventHub
-from helpline.domain.presence import NoPresenceSink, PresenceSink
-from helpline.domain.sites import Site, SiteRegistry
-from helpline.settings import Settings
+from helpline.config.settings import Settings
+from helpline.config.sites import Site, SiteRegistry
+from helpline.runtime.events import Event, EventHub
+from helpline.runtime.presence import NoPresenceSink, PresenceSink
 from helpline.store import bus
-
-if TYPE_CHECKING:
-    from helpline.domain.auth import Principal
-    from helpline.domain.inbound import InboundBatcher
 from helpline.store.db import is_sqlite, make_engine, make_sessionmaker
+
+C = TypeVar("C")
 
 
 def now() -> float:
@@ -54,6 +52,12 @@ class Tx:
 
 
 class Core:
+    r"""The services of one running instance, shared by every layer above it.
+
+    It names none of the rules: the per-process state of a layer above (the principal cache, the
+    inbound batcher) is one of its ``component``\ s, made on first use by that layer's own factory.
+    """
+
     def __init__(self, settings: Settings, sites: SiteRegistry) -> None:
         self.settings = settings
         self.sites = sites
@@ -65,13 +69,9 @@ class Core:
         self._write_sessionmaker = make_sessionmaker(self.engine) if sqlite else self.sessionmaker
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if sqlite else None
         self.hub = EventHub()
-        # sha256(token) -> (principal, remembered until): see helpline.domain.auth.authenticate.
-        self.auth_cache: dict[str, tuple[Principal, float]] = {}
-        self.auth_pending: dict[str, asyncio.Future[Principal]] = {}  # lookups in flight, per sha256
+        self._components: dict[type[Any], Any] = {}
         # Told of every committed presence change (e.g. the Asterisk adapter); by default, nobody.
         self.presence_sink: PresenceSink = NoPresenceSink()
-        # Chatbot messages continuing a conversation, written in batches (made on first use).
-        self.inbound: InboundBatcher | None = None
         self.hunter_wakeup = asyncio.Event()
         self.outbox_wakeup = asyncio.Event()
         # On PostgreSQL, events and wake-ups reach every instance through LISTEN/NOTIFY.
@@ -84,6 +84,13 @@ class Core:
         if found is None:
             raise KeyError(slug)
         return found
+
+    def component(self, kind: type[C], make: Callable[[Core], C]) -> C:
+        """This instance's one ``kind`` (made by ``make(core)`` the first time it is asked for)."""
+        found = self._components.get(kind)
+        if found is None:
+            found = self._components[kind] = make(self)
+        return cast(C, found)
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:

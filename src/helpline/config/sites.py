@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from helpline.domain.hours import BusinessHours
+from helpline.config.hours import BusinessHours
 
 Strategy = Literal["ringall", "leastrecent", "fewestchats", "roundrobin", "random"]
 

@@ -1,12 +1,9 @@
-"""Prometheus metrics: counters kept by this process, gauges read from the store at scrape time."""
+"""Prometheus metrics kept by this process: counters and histograms, and the gauges that
+``helpline.api.ops`` fills from the store at scrape time."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from sqlalchemy import func, select
-
-from helpline.domain.core import Core, now
-from helpline.store.models import Conversation, OutboxEvent
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -42,27 +39,3 @@ OUTBOX_OLDEST = Gauge(
 CONVERSATIONS = Gauge(
     "helpline_conversations", "Open conversations by site and status", ["site", "status"], registry=REGISTRY
 )
-
-
-async def render(core: Core) -> bytes:
-    """Refresh the store-backed gauges and return the text exposition."""
-    t = now()
-    async with core.sessionmaker() as s:
-        depth = (await s.execute(select(OutboxEvent.status, func.count()).group_by(OutboxEvent.status))).all()
-        oldest = await s.scalar(select(func.min(OutboxEvent.created_at)).where(OutboxEvent.status == "pending"))
-        convs = (
-            await s.execute(
-                select(Conversation.site, Conversation.status, func.count())
-                .where(Conversation.status != "closed")
-                .group_by(Conversation.site, Conversation.status)
-            )
-        ).all()
-    for status in ("pending", "sent", "dead"):
-        OUTBOX_DEPTH.labels(status).set(0)
-    for status, n in depth:
-        OUTBOX_DEPTH.labels(status).set(n)
-    OUTBOX_OLDEST.set(0 if oldest is None else max(0.0, t - oldest))
-    CONVERSATIONS.clear()
-    for site, status, n in convs:
-        CONVERSATIONS.labels(site, status).set(n)
-    return generate_latest(REGISTRY)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(1.0, gt=0)
 
     log_level: str = "INFO"
-    # Garbage collection (helpline.gcpolicy): after startup, gc.freeze() the long-lived objects;
+    # Garbage collection (helpline.runtime.gcpolicy): after startup, gc.freeze() the long-lived objects;
     # full collections every gc_full_collection_s (0: whenever Python decides, i.e. under load,
     # ~100 ms pauses of the event loop that were the tail of the message latency).
     gc_freeze: bool = True

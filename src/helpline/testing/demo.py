@@ -35,8 +35,8 @@ import structlog
 from rich.console import Console
 from rich.text import Text
 
-from helpline.domain.sites import SiteRegistry
-from helpline.settings import Settings
+from helpline.config.settings import Settings
+from helpline.config.sites import SiteRegistry
 from helpline.testing.fake_chatbot import FakeChatbot
 from helpline.testing.fake_counselor import Event, FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro, ReceivedStart

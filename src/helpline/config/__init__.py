@@ -1,0 +1,1 @@
+"""What a deployment says: settings (environment), sites (sites.toml), business hours."""
