@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from helpline.config.hours import BusinessHours
 
@@ -175,5 +175,46 @@ class SiteRegistry:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SiteRegistry:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        return cls([Site.model_validate(s) for s in data.get("site", [])])
+        """The sites of a TOML file; a file that is missing or wrong raises :class:`SitesFileError`,
+        whose message says, in one line, what is wrong and where (file, line or site)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SitesFileError(
+                f"no sites file at {str(path)!r}: write one with `helpline init`, or give its path "
+                "with --sites or HELPLINE_SITES (example: sites.example.toml)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SitesFileError(f"cannot read the sites file {str(path)!r}: {exc}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SitesFileError(f"{path}: not valid TOML: {exc}") from None
+        entries = data.get("site", [])
+        if not isinstance(entries, list):
+            raise SitesFileError(f"{path}: each site is a [[site]] table (double brackets)")
+        sites: list[Site] = []
+        for i, entry in enumerate(entries, start=1):
+            try:
+                sites.append(Site.model_validate(entry))
+            except ValidationError as exc:
+                raise SitesFileError(f"{path}: {_first_problem(i, entry, exc)}") from None
+        try:
+            return cls(sites)
+        except ValueError as exc:
+            raise SitesFileError(f"{path}: {exc}") from None
+
+
+class SitesFileError(ValueError):
+    """The sites file is missing or wrong; the message is one line, fit to show to its author."""
+
+
+def _first_problem(i: int, entry: object, exc: ValidationError) -> str:
+    """``site 'ke' (#1): rapidpro.flow: Field required (and 1 more problem)``."""
+    slug = entry.get("slug") if isinstance(entry, dict) else None
+    which = f"site {slug!r} (#{i})" if isinstance(slug, str) else f"site #{i}"
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(the table)"
+    more = exc.error_count() - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{which}: {where}: {first['msg']}{tail}"
