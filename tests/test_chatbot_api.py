@@ -351,9 +351,36 @@ def test_close_is_idempotent_and_a_closed_conversation_refuses_messages(env: Env
 
     error_of(bot.close("unknown"), 404, "not_found")
     error_of(bot.messages("unknown"), 404, "not_found")
-    invalid(bot.http.post("/api/chat/s1/close/", json={"chat_source": 5}), "chat_source")
-    error_of(bot.http.post("/api/chat/s1/close/", content=b"{", headers={"content-type": "application/json"}), 400)
-    error_of(bot.http.post("/api/chat/s1/close/", content=b"x", headers={"content-type": "text/plain"}), 415)
+    # A close is never refused over its body (issue 15): whatever it holds, the answer is the close's.
+    for body, ctype in (
+        (b'{"chat_source": 5}', "application/json"),
+        (b"{", "application/json"),
+        (b"x", "text/plain"),
+        (b"\x00\xff", "application/octet-stream"),
+    ):
+        r = bot.http.post("/api/chat/s1/close/", content=body, headers={"content-type": ctype})
+        assert r.status_code == 200 and r.json()["already_closed"] is True, (body, ctype, r.text)
+    # Other endpoints still refuse a body that is not JSON.
+    error_of(bot.http.post("/api/chat/s1/ack/", content=b"x", headers={"content-type": "text/plain"}), 415)
+
+
+def test_the_seeds_close_request_as_postman_sends_it(make_env: Callable[..., Env]) -> None:
+    """The seed documents the close as raw text ``{"chat_source":"WENI"}``: Postman sends it as text/plain."""
+    env = make_env()
+    bot = env.chatbot()
+    for session in ("seed-1", "seed-2"):
+        assert bot.send(session, "hello").status_code == 201
+    as_text = bot.http.post(
+        "/open/api/chat/seed-1/close/", content=b'{"chat_source":"WENI"}', headers={"Content-Type": "text/plain"}
+    )
+    assert as_text.status_code == 200, as_text.text
+    assert as_text.json()["conversation_status"] == "closed" and as_text.json()["already_closed"] is False
+    untyped = bot.http.build_request("POST", "/open/api/chat/seed-2/close/", content=b'{"chat_source":"WENI"}')
+    assert "content-type" not in untyped.headers  # raw bytes: httpx sends no content type at all
+    sent = bot.http.send(untyped)
+    assert sent.status_code == 200 and sent.json()["already_closed"] is False, sent.text
+    assert bot.chats(status="closed").json()["results"]
+    error_of(bot.send("seed-1", "still there?"), 409, "conflict")
 
 
 def test_ack_of_counselor_messages(make_env: Callable[..., Env]) -> None:

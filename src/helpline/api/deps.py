@@ -203,7 +203,7 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise ApiError(422, "the body is not valid", fields=_fields_from_validation(exc.errors())) from exc
 
 
-def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+def inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema with its ``$defs`` (enums, nested models) written in place of their ``$ref``.
 
     ``openapi_extra`` cannot add to ``components/schemas``, so a ``$ref`` there would dangle.
@@ -230,6 +230,6 @@ def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": _inline_defs(model.model_json_schema())}},
+            "content": {"application/json": {"schema": inline_defs(model.model_json_schema())}},
         }
     }
