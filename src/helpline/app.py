@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from helpline import console
-from helpline.api import cases, counselors, deps, errors, openchs, ops, supervisor, weni, ws
+from helpline.api import cases, counselors, deps, errors, openapi, openchs, ops, supervisor, weni, ws
 from helpline.config.settings import Settings
 from helpline.config.sites import SiteRegistry
 from helpline.domain.retention import run_retention
@@ -87,6 +87,7 @@ def create_app(
             max_age=600,
         )
     errors.install(app)
+    openapi.install(app)
     weni.install(app)  # the Weni contract's error body under /v1
     for prefix in CHATBOT_PREFIXES:
         app.include_router(openchs.router, prefix=prefix, include_in_schema=prefix in ("/api", "/sites/{site}/api"))

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from helpline.domain import errors as d
 
@@ -61,6 +62,21 @@ class ApiError(Exception):
         self.headers = headers
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method served at the request's path. FastAPI makes one route per method, and the 405
+    Starlette raises names only the first route whose path matched (``Allow: POST`` for
+    ``/api/chat/``, which serves GET too). Asked of each route through Starlette's ``matches``."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
 def error_response(
     status: int, code: str, message: str, fields: dict[str, Any] | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -104,34 +120,7 @@ def _fields_from_validation(errors: list[Any]) -> dict[str, list[str]]:
     return fields
 
 
-def _document_validation_errors(app: FastAPI) -> None:
-    """In ``/openapi.json``, a 422 is the one error body, not FastAPI's ``{"detail": [...]}``.
-
-    FastAPI documents a 422 ``HTTPValidationError`` on every route with parameters; the handler
-    below answers those requests with the one error body (``/v1`` routes document their own).
-    """
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build()  # cached by FastAPI in app.openapi_schema: changed in place
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                answer = operation.get("responses", {}).get("422", {})
-                ref = answer.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
-                if ref.endswith("/HTTPValidationError"):
-                    operation["responses"]["422"] = responses(422)[422]
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def install(app: FastAPI) -> None:
-    _document_validation_errors(app)
-
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
@@ -151,14 +140,13 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code, message = CODES.get(exc.status_code, ("error", str(exc.detail)))
-        return error_response(
-            exc.status_code,
-            code,
-            message if exc.status_code != 405 else str(exc.detail),
-            headers=getattr(exc, "headers", None),
-        )
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            message = str(exc.detail)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
