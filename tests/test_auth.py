@@ -372,12 +372,12 @@ def test_createuser_cli_makes_a_user_who_can_get_a_token(
     assert "cli-amina" in done.stdout and "tz" in done.stdout
     again = run_cli(database_url, sites, *args)
     assert again.returncode == 2, again.stdout + again.stderr
-    assert "exists" in again.stdout
+    assert again.stderr.startswith("error: ") and "exists" in again.stderr, again.stderr  # errors go to stderr
     bad_site = run_cli(
         database_url, sites, "--role", "chatbot", "--username", "x", "--password", PASSWORD, "--site", "zz"
     )
     assert bad_site.returncode == 2, bad_site.stdout + bad_site.stderr
-    assert "unknown site" in bad_site.stdout
+    assert bad_site.stderr == "error: unknown site 'zz'\n", bad_site.stderr
 
     env = make_env()  # the same database
     r = login(env, "cli-amina")
