@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import select
@@ -135,6 +136,27 @@ def member_paused(ami: FakeAMI, interface: str) -> bool | None:
 
 def for_interface(interface: str) -> Callable[[ReceivedAction], bool]:
     return lambda a: a.get("Interface") == interface
+
+
+def action_failures(env: Env, action: str) -> float:
+    """The ``tz`` site's count of ``action`` refused by Asterisk, as ``/metrics`` shows it (0: none yet)."""
+    families = text_string_to_metric_families(httpx.get(env.url + "/metrics").text)
+    return sum(
+        s.value
+        for f in families
+        if f.name == "helpline_asterisk_action_failures"
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels == {"site": "tz", "action": action}
+    )
+
+
+def wait_refusal(logs: list[Event]) -> Event:
+    """The warning the adapter logs when Asterisk refuses an action (and its fallback)."""
+    found: Event = wait_until_sync(
+        lambda: next((e for e in logs if e["event"] == "asterisk refused an action"), None),
+        message="the refusal to be logged",
+    )
+    return found
 
 
 # --------------------------------------------------------------------------- presence -> the queue
@@ -437,6 +459,99 @@ def test_an_asterisk_that_stops_answering_is_left_and_retried(make_env: Callable
     ami.never_answer("QueuePause", False)
     wait_synced(env, logins=2)
     wait_until_sync(lambda: member_paused(ami, "PJSIP/1001"), message="paused in the fake")
+
+
+def test_a_join_asterisk_refuses_is_logged_and_repaired_at_the_next_login(
+    make_env: Callable[..., Env], ami: FakeAMI
+) -> None:
+    env = phone_env(make_env, ami)
+    wait_synced(env)
+    bot = env.chatbot()
+    amina = phone_counselor(env, "amina", "1001", join=False)
+    failures = action_failures(env, "QueuePause")
+
+    ami.refuse_next("QueueAdd", "Unable to add interface to queue: Out of memory")
+    with structlog.testing.capture_logs() as logs:
+        r = amina.join_queue()  # the HTTP call never waits on Asterisk, nor fails with it
+        assert r.status_code == 200 and r.json()["status"] == "available", r.text
+        refused = wait_refusal(logs)
+    # QueueAdd refused, the adapter tried to unpause her instead (a member already?): refused too.
+    assert [a["Paused"] for a in ami.actions_named("QueueAdd")] == ["false"]
+    assert [a["Paused"] for a in ami.actions_named("QueuePause")] == ["false"]
+    assert (refused["log_level"], refused["site"], refused["action"], refused["interface"]) == (
+        "warning",
+        "tz",
+        "QueuePause",
+        "PJSIP/1001",
+    )
+    assert refused["message"] == "Interface not found"
+    assert refused["earlier"] == "Unable to add interface to queue: Out of memory"
+    assert action_failures(env, "QueuePause") == failures + 1
+    assert ami.member(QUEUE, "PJSIP/1001") is None  # no phone calls for her yet...
+
+    # ... but chats: helpline presence is what she chose.
+    assert amina.http.get("/api/agents/me").json()["presence"]["status"] == "available"
+    assert bot.send("sess-refused", "hello", location="TZ").status_code == 201
+    wait_offer(amina, "sess-refused")
+    assert len(ami.actions_named("QueueAdd")) == 1  # not retried at once
+
+    # The next resync (at the next login, or every resync_s) adds her.
+    start = len(ami.actions)
+    ami.drop_connections()
+    wait_synced(env, logins=2)
+    add = ami.wait_for_action("QueueAdd", for_interface("PJSIP/1001"), after=start)
+    assert add["Paused"] == "false"
+    member = ami.member(QUEUE, "PJSIP/1001")
+    assert member is not None and not member.paused
+    wait_phone(env, "amina", lambda s: s.member and is_free(s), "in the queue, free")
+
+
+def test_a_pause_asterisk_refuses_is_logged_and_repaired_at_the_next_login(
+    make_env: Callable[..., Env], ami: FakeAMI
+) -> None:
+    env = phone_env(make_env, ami)
+    wait_synced(env)
+    bot = env.chatbot()
+    amina = phone_counselor(env, "amina", "1001")
+    wait_phone(env, "amina", lambda s: s.member, "in the queue")
+    failures = action_failures(env, "QueueAdd")
+
+    ami.refuse_next("QueuePause", "Interface not found")
+    with structlog.testing.capture_logs() as logs:
+        r = amina.presence("paused", "lunch")
+        assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+        refused = wait_refusal(logs)
+    # QueuePause refused, the adapter tried to join her paused instead (not a member?): "Already there".
+    assert [(a["Paused"], a["Reason"]) for a in ami.actions_named("QueuePause")] == [("true", "lunch")]
+    assert [a["Paused"] for a in ami.actions_named("QueueAdd")] == ["false", "true"]  # her join, then the fallback
+    assert (refused["log_level"], refused["site"], refused["action"], refused["interface"]) == (
+        "warning",
+        "tz",
+        "QueueAdd",
+        "PJSIP/1001",
+    )
+    assert refused["message"] == "Unable to add interface: Already there"
+    assert refused["earlier"] == "Interface not found"
+    assert action_failures(env, "QueueAdd") == failures + 1
+    assert member_paused(ami, "PJSIP/1001") is False  # her phone may still ring...
+    state = phone_state(env, "amina")
+    assert state is not None and state.member and not state.paused
+
+    # ... but no chats: helpline presence is what she chose.
+    assert amina.http.get("/api/agents/me").json()["presence"]["status"] == "paused"
+    assert bot.send("sess-paused-refused", "hello", location="TZ").status_code == 201
+    assert_no_offer(amina, "sess-paused-refused")
+    assert len(ami.actions_named("QueuePause")) == 1  # not retried at once
+
+    # The next resync (at the next login, or every resync_s) pauses her, with her reason.
+    start = len(ami.actions)
+    ami.drop_connections()
+    wait_synced(env, logins=2)
+    pause = ami.wait_for_action("QueuePause", for_interface("PJSIP/1001"), after=start)
+    assert (pause["Paused"], pause["Reason"]) == ("true", "lunch")
+    wait_phone(env, "amina", lambda s: s.paused and s.reason == "lunch", "paused in Asterisk")
+    member = ami.member(QUEUE, "PJSIP/1001")
+    assert member is not None and member.paused and member.reason == "lunch"
 
 
 # --------------------------------------------------------------------------- configuration and CLI
