@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -210,15 +209,3 @@ def staff(env: Env, clients: list[httpx.Client], username: str, role: str, site:
     c.headers["Authorization"] = f"Token {r.json()['token']}"
     clients.append(c)
     return c
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Retry ``check`` (which asserts) until it passes or the time is up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -22,9 +21,8 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 from helpline.domain import auth
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro, ReceivedStart
+from support import Event, Pred, wait_event
 
-Event = dict[str, Any]
-Pred = Callable[[Event], bool]
 Params = dict[str, Any]
 
 
@@ -111,31 +109,6 @@ def assert_params_valid(rapidpro: FakeRapidPro) -> None:
 # --------------------------------------------------------------------------- counselors' WebSockets
 
 
-def find(c: FakeCounselor, type_: str, pred: Pred | None = None) -> Event | None:
-    return next((e for e in c.of_type(type_) if pred is None or pred(e)), None)
-
-
-def wait_event(c: FakeCounselor, type_: str, pred: Pred | None = None, timeout: float = 5.0) -> Event:
-    """The first event of ``type_`` (matching ``pred``) this counselor's WebSocket ever received."""
-    deadline = time.monotonic() + timeout
-    while (found := find(c, type_, pred)) is None:
-        if time.monotonic() > deadline:
-            seen = [(e.get("type"), e.get("reason")) for e in c.events]
-            raise TimeoutError(f"{c.username}: no {type_!r} event within {timeout}s; saw {seen}")
-        time.sleep(0.01)
-    return found
-
-
-def assert_no_event(c: FakeCounselor, type_: str, pred: Pred | None = None, within: float = 0.5) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        got = find(c, type_, pred)
-        assert got is None, f"{c.username} got an unexpected {type_!r}: {got}"
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(0.02)
-
-
 def for_session(session: str) -> Pred:
     return lambda e: bool(e["offer"]["conversation"]["chat_session"] == session)
 
@@ -143,10 +116,3 @@ def for_session(session: str) -> Pred:
 def offer_for(c: FakeCounselor, session: str, timeout: float = 5.0) -> Event:
     offer: Event = wait_event(c, "offer", for_session(session), timeout=timeout)["offer"]
     return offer
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)

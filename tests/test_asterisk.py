@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import select
@@ -28,6 +29,7 @@ from helpline.store.models import PhoneState, User
 from helpline.testing.fake_ami import FakeAMI, ReceivedAction
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro
+from support import holds_for, wait_until_sync
 
 QUEUE = "helpline-tz"
 Event = dict[str, Any]
@@ -73,20 +75,9 @@ def link(env: Env) -> SiteLink:
     return sink.links["tz"]
 
 
-def wait_until(pred: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = pred()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout}s: {what}")
-        time.sleep(0.01)
-
-
 def wait_synced(env: Env, logins: int = 1) -> None:
     phones = link(env)
-    wait_until(lambda: phones.logins >= logins and phones.synced.is_set(), f"login #{logins} and resync")
+    wait_until_sync(lambda: phones.logins >= logins and phones.synced.is_set(), message=f"login #{logins} and resync")
 
 
 def phone_counselor(env: Env, username: str, extension: str | None, *, join: bool = True) -> FakeCounselor:
@@ -115,8 +106,7 @@ def wait_phone(env: Env, username: str, pred: Callable[[PhoneState], bool], what
         state = phone_state(env, username)
         return state if state is not None and pred(state) else None
 
-    found: PhoneState = wait_until(check, f"{username}: {what}")
-    return found
+    return wait_until_sync(check, message=f"{username}: {what}")
 
 
 def is_free(s: PhoneState) -> bool:
@@ -128,15 +118,14 @@ def offers_for(c: FakeCounselor, session: str) -> list[Event]:
 
 
 def wait_offer(c: FakeCounselor, session: str, timeout: float = 5.0) -> Event:
-    found: list[Event] = wait_until(lambda: offers_for(c, session), f"{c.username}: an offer of {session}", timeout)
+    found = wait_until_sync(
+        lambda: offers_for(c, session), timeout=timeout, message=f"an offer of {session} to {c.username}"
+    )
     return found[0]["offer"]
 
 
 def assert_no_offer(c: FakeCounselor, session: str, within: float = 0.8) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        assert not offers_for(c, session), f"{c.username} was offered {session}"
-        time.sleep(0.02)
+    holds_for(lambda: not offers_for(c, session), within, message=f"{c.username} was offered {session}")
 
 
 def member_paused(ami: FakeAMI, interface: str) -> bool | None:
@@ -147,6 +136,27 @@ def member_paused(ami: FakeAMI, interface: str) -> bool | None:
 
 def for_interface(interface: str) -> Callable[[ReceivedAction], bool]:
     return lambda a: a.get("Interface") == interface
+
+
+def action_failures(env: Env, action: str) -> float:
+    """The ``tz`` site's count of ``action`` refused by Asterisk, as ``/metrics`` shows it (0: none yet)."""
+    families = text_string_to_metric_families(httpx.get(env.url + "/metrics").text)
+    return sum(
+        s.value
+        for f in families
+        if f.name == "helpline_asterisk_action_failures"
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels == {"site": "tz", "action": action}
+    )
+
+
+def wait_refusal(logs: list[Event]) -> Event:
+    """The warning the adapter logs when Asterisk refuses an action (and its fallback)."""
+    found: Event = wait_until_sync(
+        lambda: next((e for e in logs if e["event"] == "asterisk refused an action"), None),
+        message="the refusal to be logged",
+    )
+    return found
 
 
 # --------------------------------------------------------------------------- presence -> the queue
@@ -189,7 +199,7 @@ def test_join_pause_and_leave_drive_the_asterisk_queue(make_env: Callable[..., E
     assert unpause["Paused"] == "false"
     assert [a.name for a in ami.actions[start:]][:2] == ["QueueAdd", "QueuePause"]
     wait_phone(env, "amina", is_free, "unpaused")
-    wait_until(lambda: member_paused(ami, "PJSIP/1001") is False, "unpaused in the fake")
+    wait_until_sync(lambda: member_paused(ami, "PJSIP/1001") is False, message="unpaused in the fake")
 
     start = len(ami.actions)
     assert amina.presence("offline").status_code == 200
@@ -305,7 +315,7 @@ def test_a_phone_call_withdraws_a_pending_offer_and_agent_events_count(
     assert len(offers_for(amina, "sess-ring")) == 1
 
     ami.emit("AgentComplete", Queue=QUEUE, Interface="PJSIP/1001", MemberName="Amina", Reason="caller")
-    wait_until(lambda: len(offers_for(amina, "sess-ring")) == 2, "offered again once the call completed")
+    wait_until_sync(lambda: len(offers_for(amina, "sess-ring")) == 2, message="offered again once the call completed")
     # Another queue's events are not this site's business.
     ami.emit("AgentCalled", Queue="sales", Interface="PJSIP/1001", MemberName="Amina")
     time.sleep(0.3)
@@ -336,7 +346,9 @@ def test_paused_in_asterisk_gets_no_offers_until_they_rejoin(make_env: Callable[
     assert ami.wait_for_action("QueuePause", after=start)["Paused"] == "false"
     wait_phone(env, "amina", is_free, "free again")
     assert bot.send("sess-after-pause", "hi", location="TZ").status_code == 201
-    wait_until(lambda: offers_for(amina, "sess-after-pause") or offers_for(bob, "sess-after-pause"), "an offer")
+    wait_until_sync(
+        lambda: offers_for(amina, "sess-after-pause") or offers_for(bob, "sess-after-pause"), message="an offer"
+    )
     assert bob.presence("paused", "tea").status_code == 200
     assert bot.send("sess-amina", "hi", location="TZ").status_code == 201
     wait_offer(amina, "sess-amina")
@@ -356,7 +368,7 @@ def test_with_asterisk_down_presence_works_and_a_reconnect_resyncs(make_env: Cal
     wait_phone(env, "bob", lambda s: s.busy, "busy")
 
     ami.go_down()  # ... when Asterisk goes away (and forgets its dynamic members)
-    wait_until(lambda: not link(env).synced.is_set(), "the adapter noticed")
+    wait_until_sync(lambda: not link(env).synced.is_set(), message="the adapter noticed")
     # Nothing is known about the phones now: nobody is kept from chats by a stale "on a call".
     wait_phone(env, "bob", lambda s: not s.busy and not s.member, "forgotten")
 
@@ -364,7 +376,7 @@ def test_with_asterisk_down_presence_works_and_a_reconnect_resyncs(make_env: Cal
         r = amina.presence("paused", "meeting")
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "paused"
-        wait_until(lambda: any(e["event"].startswith("asterisk unavailable") for e in logs), "a warning")
+        wait_until_sync(lambda: any(e["event"].startswith("asterisk unavailable") for e in logs), message="a warning")
     assert bot.send("sess-down", "hello", location="TZ").status_code == 201
     offer = wait_offer(bob, "sess-down")
     assert bob.read_offer(offer["id"]).status_code == 200
@@ -415,7 +427,7 @@ def test_a_wrong_secret_is_logged_and_the_chat_side_is_unaffected(
 ) -> None:
     with structlog.testing.capture_logs() as logs:
         env = phone_env(make_env, ami, secret="not-the-secret")
-        wait_until(lambda: ami.login_failures >= 2, "login retried with backoff")
+        wait_until_sync(lambda: ami.login_failures >= 2, message="login retried with backoff")
         refused = [e for e in logs if e["event"] == "asterisk login refused"]
         assert refused and refused[0]["log_level"] == "warning"
         assert refused[0]["site"] == "tz" and refused[0]["message"] == "Authentication failed"
@@ -442,11 +454,104 @@ def test_an_asterisk_that_stops_answering_is_left_and_retried(make_env: Callable
     r = amina.presence("paused", "lunch")  # the HTTP call never waits on Asterisk
     assert r.status_code == 200 and time.monotonic() - t < 1.0
     ami.wait_for_action("QueuePause")
-    wait_until(lambda: not link(env).synced.is_set(), "the silent connection was given up", timeout=8)
+    wait_until_sync(lambda: not link(env).synced.is_set(), timeout=8, message="the silent connection was given up")
     ami.never_answer("Ping", False)
     ami.never_answer("QueuePause", False)
     wait_synced(env, logins=2)
-    wait_until(lambda: member_paused(ami, "PJSIP/1001"), "paused in the fake")
+    wait_until_sync(lambda: member_paused(ami, "PJSIP/1001"), message="paused in the fake")
+
+
+def test_a_join_asterisk_refuses_is_logged_and_repaired_at_the_next_login(
+    make_env: Callable[..., Env], ami: FakeAMI
+) -> None:
+    env = phone_env(make_env, ami)
+    wait_synced(env)
+    bot = env.chatbot()
+    amina = phone_counselor(env, "amina", "1001", join=False)
+    failures = action_failures(env, "QueuePause")
+
+    ami.refuse_next("QueueAdd", "Unable to add interface to queue: Out of memory")
+    with structlog.testing.capture_logs() as logs:
+        r = amina.join_queue()  # the HTTP call never waits on Asterisk, nor fails with it
+        assert r.status_code == 200 and r.json()["status"] == "available", r.text
+        refused = wait_refusal(logs)
+    # QueueAdd refused, the adapter tried to unpause her instead (a member already?): refused too.
+    assert [a["Paused"] for a in ami.actions_named("QueueAdd")] == ["false"]
+    assert [a["Paused"] for a in ami.actions_named("QueuePause")] == ["false"]
+    assert (refused["log_level"], refused["site"], refused["action"], refused["interface"]) == (
+        "warning",
+        "tz",
+        "QueuePause",
+        "PJSIP/1001",
+    )
+    assert refused["message"] == "Interface not found"
+    assert refused["earlier"] == "Unable to add interface to queue: Out of memory"
+    assert action_failures(env, "QueuePause") == failures + 1
+    assert ami.member(QUEUE, "PJSIP/1001") is None  # no phone calls for her yet...
+
+    # ... but chats: helpline presence is what she chose.
+    assert amina.http.get("/api/agents/me").json()["presence"]["status"] == "available"
+    assert bot.send("sess-refused", "hello", location="TZ").status_code == 201
+    wait_offer(amina, "sess-refused")
+    assert len(ami.actions_named("QueueAdd")) == 1  # not retried at once
+
+    # The next resync (at the next login, or every resync_s) adds her.
+    start = len(ami.actions)
+    ami.drop_connections()
+    wait_synced(env, logins=2)
+    add = ami.wait_for_action("QueueAdd", for_interface("PJSIP/1001"), after=start)
+    assert add["Paused"] == "false"
+    member = ami.member(QUEUE, "PJSIP/1001")
+    assert member is not None and not member.paused
+    wait_phone(env, "amina", lambda s: s.member and is_free(s), "in the queue, free")
+
+
+def test_a_pause_asterisk_refuses_is_logged_and_repaired_at_the_next_login(
+    make_env: Callable[..., Env], ami: FakeAMI
+) -> None:
+    env = phone_env(make_env, ami)
+    wait_synced(env)
+    bot = env.chatbot()
+    amina = phone_counselor(env, "amina", "1001")
+    wait_phone(env, "amina", lambda s: s.member, "in the queue")
+    failures = action_failures(env, "QueueAdd")
+
+    ami.refuse_next("QueuePause", "Interface not found")
+    with structlog.testing.capture_logs() as logs:
+        r = amina.presence("paused", "lunch")
+        assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+        refused = wait_refusal(logs)
+    # QueuePause refused, the adapter tried to join her paused instead (not a member?): "Already there".
+    assert [(a["Paused"], a["Reason"]) for a in ami.actions_named("QueuePause")] == [("true", "lunch")]
+    assert [a["Paused"] for a in ami.actions_named("QueueAdd")] == ["false", "true"]  # her join, then the fallback
+    assert (refused["log_level"], refused["site"], refused["action"], refused["interface"]) == (
+        "warning",
+        "tz",
+        "QueueAdd",
+        "PJSIP/1001",
+    )
+    assert refused["message"] == "Unable to add interface: Already there"
+    assert refused["earlier"] == "Interface not found"
+    assert action_failures(env, "QueueAdd") == failures + 1
+    assert member_paused(ami, "PJSIP/1001") is False  # her phone may still ring...
+    state = phone_state(env, "amina")
+    assert state is not None and state.member and not state.paused
+
+    # ... but no chats: helpline presence is what she chose.
+    assert amina.http.get("/api/agents/me").json()["presence"]["status"] == "paused"
+    assert bot.send("sess-paused-refused", "hello", location="TZ").status_code == 201
+    assert_no_offer(amina, "sess-paused-refused")
+    assert len(ami.actions_named("QueuePause")) == 1  # not retried at once
+
+    # The next resync (at the next login, or every resync_s) pauses her, with her reason.
+    start = len(ami.actions)
+    ami.drop_connections()
+    wait_synced(env, logins=2)
+    pause = ami.wait_for_action("QueuePause", for_interface("PJSIP/1001"), after=start)
+    assert (pause["Paused"], pause["Reason"]) == ("true", "lunch")
+    wait_phone(env, "amina", lambda s: s.paused and s.reason == "lunch", "paused in Asterisk")
+    member = ami.member(QUEUE, "PJSIP/1001")
+    assert member is not None and member.paused and member.reason == "lunch"
 
 
 # --------------------------------------------------------------------------- configuration and CLI

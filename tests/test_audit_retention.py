@@ -12,13 +12,14 @@ import pytest
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from conftest import Env, eventually, staff
+from conftest import Env, staff
 from helpline import cli
 from helpline.domain import retention
 from helpline.domain.outbox import PURGED_PAYLOAD
 from helpline.runtime.core import now
 from helpline.store.models import AuditEntry, Conversation, Message, OutboxEvent, Ticket
 from helpline.testing.fake_weni import FakeWeni
+from support import eventually
 from weni_support import start_weni, take_offer, weni_env
 
 pytestmark = pytest.mark.timeout(90)
@@ -65,7 +66,7 @@ def settled(env: Env, conv_id: str) -> list[OutboxEvent]:
         assert evs and all(e.status != "pending" for e in evs), [(e.event, e.status) for e in evs]
         return evs
 
-    return eventually(check)  # type: ignore[no-any-return]
+    return eventually(check)
 
 
 def backdate(env: Env, conv_id: str, days: float) -> None:

@@ -18,7 +18,6 @@ from helpline.config.hours import BusinessHours, is_open, local_iso, next_open, 
 from helpline.config.sites import Site, SiteRegistry
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from routing_support import (
-    assert_no_event,
     assert_params_valid,
     cheap_passwords,  # noqa: F401  (autouse)
     events_of,
@@ -28,6 +27,7 @@ from routing_support import (
     ts,
     wait_notice,
 )
+from support import assert_no_event
 
 NAIROBI = ZoneInfo("Africa/Nairobi")  # UTC+3, no daylight saving
 NEW_YORK = ZoneInfo("America/New_York")  # UTC-5, UTC-4 from 2026-03-08

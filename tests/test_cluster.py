@@ -30,6 +30,7 @@ from helpline.store.migrate import upgrade
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import free_socket
+from support import wait_until_sync
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="several instances need PostgreSQL")
 
@@ -72,16 +73,14 @@ class Instance:
         )
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             assert self.proc.poll() is None, f"instance on {self.port} exited"
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
+                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"instance on {self.port} not ready")
+                return False
+
+        wait_until_sync(ready, timeout=timeout, interval=0.1, message=f"the instance on {self.port} to be ready")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -203,10 +202,19 @@ def test_three_instances_one_killed(cluster: list[Instance], rapidpro: FakeRapid
             killed = True
             readers[1].disconnect()  # its instance is gone; it stops working
         time.sleep(0.05)
-    deadline = time.monotonic() + 45
-    while len(replies) < CONVERSATIONS and time.monotonic() < deadline:
+
+    def all_answered() -> bool:
+        if len(replies) >= CONVERSATIONS:
+            return True
         serve_offers([readers[0], readers[2]])
-        time.sleep(0.05)
+        return False
+
+    wait_until_sync(
+        all_answered,
+        timeout=45,
+        interval=0.05,
+        message=lambda: f"all {CONVERSATIONS} conversations answered (only {len(replies)} were)",
+    )
     assert len(replies) == CONVERSATIONS, f"only {len(replies)} of {CONVERSATIONS} conversations were answered"
     assert lazy.of_type("offer_withdrawn"), "the lazy counselor's offers never lapsed"
     rapidpro.come_back()

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from conftest import PG_URL, Env
+from support import wait_until_sync
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="restarts the PostgreSQL server")
 
@@ -55,22 +56,30 @@ def test_database_restart_gives_503_then_recovers(make_env: Callable[..., Env], 
         subprocess.run([*_cluster(), "start"], check=True, capture_output=True)
 
     # The chatbot retries as told (same message_id): within a few seconds it is taken, once.
-    deadline = time.monotonic() + 30
-    while True:
+    started = time.monotonic()
+
+    def taken() -> httpx.Response | None:
         r = bot.send("db-1", "while the database is down", message_id="m-2")
-        if r.status_code in (200, 201) or time.monotonic() > deadline:
-            break
+        if r.status_code in (200, 201):
+            return r
         assert r.status_code == 503, r.text
-        time.sleep(0.5)
+        return None
+
+    r = wait_until_sync(taken, timeout=30, interval=0.5, message="the chatbot's retry to be taken")
     assert r.status_code == 201, r.text
     assert bot.send("db-1", "while the database is down", message_id="m-2").status_code == 200
 
     # The offer (its deadline is stored) can still be read, and replies reach RapidPro.
-    while True:
+    def readable() -> httpx.Response | None:
         r = amina.read_offer(offer["id"])
-        if r.status_code != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return r if r.status_code != 503 else None
+
+    r = wait_until_sync(
+        readable,
+        timeout=max(0.0, 30 - (time.monotonic() - started)),  # what is left of the same 30 s
+        interval=0.5,
+        message="the offer to be readable again",
+    )
     assert r.status_code == 200, r.text
     conv = r.json()["conversation"]["id"]
     texts = [m["text"] for m in r.json()["messages"]]

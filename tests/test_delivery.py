@@ -23,7 +23,7 @@ from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import event, select
 
-from conftest import Env, eventually
+from conftest import Env
 from helpline.delivery.rapidpro import Transport, build_flow_start, http_client
 from helpline.domain import auth
 from helpline.store.models import Message, OutboxEvent
@@ -31,6 +31,7 @@ from helpline.testing.fake_chatbot import FakeChatbot
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro, ReceivedStart
 from helpline.testing.live import free_socket
+from support import eventually, wait_event, wait_until_sync
 
 Event = dict[str, Any]
 Params = dict[str, Any]
@@ -70,20 +71,6 @@ def starts_of(starts: list[ReceivedStart], session: str, event: str | None = Non
     ]
 
 
-def wait_event(
-    c: FakeCounselor, type_: str, pred: Callable[[Event], bool] | None = None, timeout: float = 5.0
-) -> Event:
-    """The first event of ``type_`` (matching ``pred``) this counselor's WebSocket ever received."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for e in c.of_type(type_):
-            if pred is None or pred(e):
-                return e
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{c.username}: no {type_!r} within {timeout}s; saw {[e.get('type') for e in c.events]}")
-        time.sleep(0.01)
-
-
 def statuses(c: FakeCounselor, message_id: str) -> list[str]:
     return [e["status"] for e in c.of_type("message_status") if e["message_id"] == message_id]
 
@@ -105,10 +92,13 @@ def take(env: Env, bot: FakeChatbot, counselor: FakeCounselor, session: str, *te
 
 def settle(env: Env, conv: str, timeout: float = 5.0) -> None:
     """Wait until every event owed to RapidPro for ``conv`` so far (notices, assigned, acks) is sent."""
-    deadline = time.monotonic() + timeout
-    while pending := outbox_rows(env, conversation_id=conv, status="pending"):
-        assert time.monotonic() < deadline, f"still pending: {[r.event for r in pending]}"
-        time.sleep(0.02)
+
+    def pending() -> list[str]:
+        return [r.event for r in outbox_rows(env, conversation_id=conv, status="pending")]
+
+    wait_until_sync(
+        lambda: not pending(), timeout=timeout, message=lambda: f"no outbox event of {conv} pending; still {pending()}"
+    )
 
 
 def reply(counselor: FakeCounselor, conv: str, text: str) -> str:
@@ -342,10 +332,10 @@ def test_rapidpro_down_then_back_every_message_once_and_in_order(env: Env) -> No
             mid = reply(amina, convs[s], f"reply {i:02d}")
             sent[s].append(f"reply {i:02d}")
             ids.add(mid)
-        deadline = time.monotonic() + 5
-        while not [r for r in outbox_rows(env, event="message") if r.last_error]:  # it did hit the closed port
-            assert time.monotonic() < deadline, "the outbox never tried while RapidPro was down"
-            time.sleep(0.02)
+        wait_until_sync(
+            lambda: [r for r in outbox_rows(env, event="message") if r.last_error],
+            message="the outbox to try (and hit the closed port) while RapidPro was down",
+        )
         # Waiting out the backoff of each queue's head is idle time: the messages queued behind
         # the heads must not make the outbox loop spin on the store.
     finally:

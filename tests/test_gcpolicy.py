@@ -8,6 +8,7 @@ import gc
 from typing import Any
 
 from helpline.runtime import gcpolicy
+from support import wait_until
 
 
 def test_full_collections_run_on_the_schedule_and_never_on_pythons_count() -> None:
@@ -30,13 +31,12 @@ def test_full_collections_run_on_the_schedule_and_never_on_pythons_count() -> No
 
         async def two_rounds() -> None:
             task = asyncio.create_task(gcpolicy.run_full_collections(0.05))
-            for _ in range(400):  # a full collection of a big test process can take a while
-                await asyncio.sleep(0.05)
-                if len(full) >= 2:
-                    break
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            try:  # a full collection of a big test process can take a while
+                await wait_until(lambda: len(full) >= 2, timeout=20, interval=0.05, message="two full collections")
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
         asyncio.run(two_rounds())
         assert len(full) >= 2  # the schedule's own, every 0.05 s

@@ -26,10 +26,7 @@ from helpline.domain import auth
 from helpline.store.models import Offer
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.live import LiveServer
-
-Event = dict[str, Any]
-Pred = Callable[[Event], bool]
-
+from support import Event, Pred, assert_no_event, find, wait_event, wait_until_sync
 
 # --------------------------------------------------------------------------- helpers
 
@@ -44,47 +41,15 @@ def ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def find(c: FakeCounselor, type_: str, pred: Pred | None = None) -> Event | None:
-    for e in c.of_type(type_):
-        if pred is None or pred(e):
-            return e
-    return None
-
-
-def wait_event(c: FakeCounselor, type_: str, pred: Pred | None = None, timeout: float = 5.0) -> Event:
-    """The first event of ``type_`` (matching ``pred``) this counselor's WebSocket ever received."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = find(c, type_, pred)
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            seen = [(e.get("type"), e.get("reason")) for e in c.events]
-            raise TimeoutError(f"{c.username}: no {type_!r} event within {timeout}s; saw {seen}")
-        time.sleep(0.01)
-
-
 def wait_any(
     counselors: Sequence[FakeCounselor], type_: str, pred: Pred | None = None, timeout: float = 5.0
 ) -> tuple[FakeCounselor, Event]:
     """The first counselor (of several) who received a matching event, and that event."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for c in counselors:
-            found = find(c, type_, pred)
-            if found is not None:
-                return c, found
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nobody got a {type_!r} event within {timeout}s")
-        time.sleep(0.01)
 
+    def first() -> tuple[FakeCounselor, Event] | None:
+        return next(((c, e) for c in counselors if (e := find(c, type_, pred)) is not None), None)
 
-def assert_no_event(c: FakeCounselor, type_: str, pred: Pred | None = None, within: float = 0.7) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        assert find(c, type_, pred) is None, f"{c.username} got an unexpected {type_!r}: {find(c, type_, pred)}"
-        time.sleep(0.02)
-    assert find(c, type_, pred) is None
+    return wait_until_sync(first, timeout=timeout, interval=0.01, message=f"a {type_!r} event to anybody")
 
 
 def offers(c: FakeCounselor) -> list[Event]:
@@ -203,10 +168,10 @@ def test_without_autopause_offers_alternate_between_two_silent_counselors(make_e
         got = [(c.username, o) for c in pair for o in offers(c)]
         return sorted(got, key=lambda x: int(x[1]["id"]))
 
-    deadline = time.monotonic() + 6
-    while len(all_offers()) < 4:  # three rounds lapsed, a fourth offer made: no hunt is only once
-        assert time.monotonic() < deadline, f"only {len(all_offers())} offers were made"
-        time.sleep(0.02)
+    # Three rounds lapsed, a fourth offer made: no hunt is only once.
+    wait_until_sync(
+        lambda: len(all_offers()) >= 4, timeout=6, message=lambda: f"4 offers (only {len(all_offers())} were made)"
+    )
     made = all_offers()[:4]
     who = [name for name, _ in made]
     assert who[0] != who[1] and who == [who[0], who[1], who[0], who[1]], who
@@ -246,10 +211,7 @@ def test_high_risk_is_offered_before_older_low_risk_when_a_counselor_joins(make_
     assert_no_event(amina, "offer", within=0.3)  # not in the queue yet
 
     assert amina.join_queue().status_code == 200
-    deadline = time.monotonic() + 5
-    while len(offers(amina)) < 4:
-        assert time.monotonic() < deadline, offers(amina)
-        time.sleep(0.01)
+    wait_until_sync(lambda: len(offers(amina)) >= 4, message=lambda: f"4 offers to Amina; got {offers(amina)}")
     got = [o["conversation"]["chat_session"] for o in offers(amina)]
     assert got == ["high", "medium", "low-old", "low-new"]
 

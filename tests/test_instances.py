@@ -22,6 +22,7 @@ from helpline.store.models import BusSpill
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.live import LiveServer
+from support import wait_until
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="instances share work only on PostgreSQL")
 
@@ -148,10 +149,9 @@ def test_a_notification_after_a_spilled_one_waits_for_it(database_url: str) -> N
                 notify(None, 0, CHANNEL, f'{{"spill": {spill.id}}}')
                 notify(None, 0, CHANNEL, '{"u": 1, "e": {"type": "after"}}')
                 assert got == ["first"]  # both wait for the spill's payload
-                for _ in range(500):
-                    if len(got) == 3:
-                        break
-                    await asyncio.sleep(0.01)
+                await wait_until(
+                    lambda: len(got) == 3, interval=0.01, message=lambda: f"the spill and the one after it; got {got}"
+                )
                 notify(None, 0, CHANNEL, '{"u": 1, "e": {"type": "last"}}')
                 return got
             finally:

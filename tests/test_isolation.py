@@ -32,7 +32,7 @@ from fastapi import FastAPI
 from sqlalchemy import inspect, or_, select
 from starlette.routing import Mount, Route, WebSocketRoute
 
-from conftest import PASSWORD, PG_URL, eventually, reset_postgres
+from conftest import PASSWORD, PG_URL, reset_postgres
 from helpline.app import create_app
 from helpline.config.settings import Settings
 from helpline.config.sites import SiteRegistry
@@ -53,6 +53,7 @@ from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from helpline.testing.fake_weni import FakeTicket, FakeWeni
 from helpline.testing.live import LiveServer
+from support import eventually
 
 A, B = "ke", "tz"
 SECRET = "whsec-isolation"

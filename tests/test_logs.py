@@ -21,12 +21,13 @@ import structlog
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
-from conftest import PASSWORD, Env, eventually
+from conftest import PASSWORD, Env
 from helpline.cli import configure_logging
 from helpline.runtime.logs import UVICORN_LOGGERS, redact
 from helpline.store.db import make_engine
 from helpline.store.migrate import upgrade
 from helpline.store.models import Conversation, Message, OutboxEvent
+from support import eventually
 
 pytestmark = pytest.mark.timeout(90)
 

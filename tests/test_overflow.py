@@ -22,7 +22,6 @@ from helpline.store.models import Conversation
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro
 from routing_support import (
-    assert_no_event,
     assert_params_valid,
     cheap_passwords,  # noqa: F401  (autouse)
     events_of,
@@ -30,9 +29,9 @@ from routing_support import (
     offer_for,
     site_toml,
     ts,
-    wait_event,
     wait_notice,
 )
+from support import assert_no_event, wait_event
 
 # --------------------------------------------------------------------------- pure decisions
 

@@ -14,7 +14,6 @@ from conftest import PASSWORD, Env
 from helpline.domain.notices import estimate_wait
 from helpline.testing.fake_counselor import FakeCounselor
 from routing_support import (
-    assert_no_event,
     assert_params_valid,
     cheap_passwords,  # noqa: F401  (autouse)
     events_of,
@@ -22,8 +21,8 @@ from routing_support import (
     offer_for,
     ts,
     wait_notice,
-    wait_until,
 )
+from support import assert_no_event, wait_until_sync
 
 
 def at_position(n: int) -> Callable[[dict[str, Any]], bool]:
@@ -129,7 +128,7 @@ def test_wrapup_no_offer_until_it_ends_whoever_closed(make_env: Callable[..., En
         """``closing`` ends her conversation while ``nxt`` waits: it is offered once wrap-up is over."""
         before = len(zawadi.of_type("presence"))
         closing()
-        wait_until(lambda: len(zawadi.of_type("presence")) > before, what="a presence event")
+        wait_until_sync(lambda: len(zawadi.of_type("presence")) > before, message="a presence event")
         presence = zawadi.of_type("presence")[before]["presence"]
         assert presence["status"] == "available" and presence["wrapup_until"] is not None
         ends = ts(presence["wrapup_until"])

@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 
-from conftest import PASSWORD, Env, eventually, staff
+from conftest import PASSWORD, Env, staff
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import ReceivedStart
+from support import eventually
 
 ROUTES = [
     ("GET", "/api/supervisor/overview"),

@@ -10,15 +10,14 @@ import httpx
 from conftest import Env
 from helpline.testing.fake_counselor import FakeCounselor
 from routing_support import (
-    assert_no_event,
     assert_params_valid,
     cheap_passwords,  # noqa: F401  (autouse)
     events_of,
     notices,
     offer_for,
-    wait_event,
     wait_notice,
 )
+from support import assert_no_event, wait_event
 
 
 def transfer(c: FakeCounselor, conversation_id: str, **target: str) -> httpx.Response:
