@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import insert, select
 
 from conftest import PG_URL, Env
-from helpline.domain import conversations as convs
+from helpline.domain import inbound
 from helpline.domain.auth import Principal, authenticate
 from helpline.domain.errors import Conflict
 from helpline.domain.inbound import Answer, ChatIn
@@ -46,7 +46,7 @@ def principal(env: Env, bot: FakeChatbot) -> Principal:
 
 def posting(env: Env, who: Principal, msg: ChatIn) -> asyncio.Task[Answer]:
     """``msg`` posted as a request of its own, on the server's loop (call it there)."""
-    return asyncio.create_task(convs.post_chat(env.server.core, who, msg, path_site=None))
+    return asyncio.create_task(inbound.post_chat(env.server.core, who, msg, path_site=None))
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

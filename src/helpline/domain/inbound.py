@@ -1,4 +1,8 @@
-"""Chatbot messages that continue a conversation, written in batches: one transaction for many.
+"""``POST /api/chat/``, the whole of it: a chatbot message, written in batches (one transaction for many).
+
+A message has one way in, :func:`post_chat`, and this module is all of it: the batch and the
+one-message path beside it share their checks and answers here rather than calling each other
+across modules. ``domain.conversations`` keeps what follows (close, acknowledge, list).
 
 Under load, many ``POST /api/chat/`` requests are in flight at once. Each one hands its message
 to the :class:`InboundBatcher` and waits; the batcher takes everything waiting and writes it in
@@ -6,8 +10,8 @@ one transaction: one read of the idempotency keys, one read (and lock) of the co
 multi-row INSERT of the messages and one of the keys, one commit. Each request gets its own
 answer (or its own error) only after that commit, so a 201 still means "stored".
 
-What the batch does not handle is handed back to the caller's one-message path in
-``domain.conversations``: a new conversation (its routing, notices and hunter wake-up; the
+What the batch does not handle is handed back to the one-message path (:func:`_post_chat`,
+below): a new conversation (its routing, notices and hunter wake-up; the
 batch's read is not repeated there, a conversation created meanwhile trips the unique constraint
 and that path starts again). If the batch's transaction fails as a whole (a constraint a
 concurrent writer tripped, say), every request in it is handed back too, and each is retried
@@ -30,9 +34,11 @@ from typing import Any, cast
 
 import structlog
 from sqlalchemy import ColumnElement, Table, and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
-from helpline.domain.auth import Principal
-from helpline.domain.errors import Conflict
+from helpline.domain import notices
+from helpline.domain.auth import Principal, require_chatbot
+from helpline.domain.errors import Conflict, NotFound
 from helpline.domain.states import ConversationStatus, Risk
 from helpline.domain.views import message_view
 from helpline.runtime import metrics
@@ -123,6 +129,123 @@ def repeat_answer(first: str, msg: ChatIn) -> Answer:
             fields={"message_id": ["already used in another chat_session"]},
         )
     return Answer(False, answer)
+
+
+async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
+    require_chatbot(who, path_site)
+
+    async def alone(new: bool) -> Answer:  # what the batch hands back (a new conversation, say)
+        try:
+            return await _post_chat(core, who, msg, path_site=path_site, new=new)
+        except IntegrityError:
+            # A concurrent request with the same message_id or chat_session won the race: its row is
+            # committed now, so the second try finds it (a repeat, or the conversation to add to).
+            return await _post_chat(core, who, msg, path_site=path_site)
+
+    return await InboundBatcher.of(core).submit(who, msg, path_site, alone)
+
+
+async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None, new: bool = False) -> Answer:
+    """``new``: the inbound batch has just found neither the message_id nor the conversation, so they
+    are not read again; one created since trips a unique constraint (IntegrityError: the caller
+    tries again without ``new``)."""
+    t = now()
+    async with core.tx() as tx:
+        s = tx.session
+        conv: Conversation | None = None
+        if not new:
+            if msg.message_id is not None:
+                first = await s.scalar(
+                    select(IdempotencyKey.response).where(
+                        IdempotencyKey.chatbot_id == who.id, IdempotencyKey.message_id == msg.message_id
+                    )
+                )
+                if first is not None:
+                    return repeat_answer(first, msg)
+            conv = await s.scalar(
+                select(Conversation)
+                .where(Conversation.chatbot_id == who.id, Conversation.chat_session == msg.chat_session)
+                .with_for_update()
+            )
+        created = conv is None
+        if conv is None:
+            site = core.sites.choose(path_slug=path_site, location=msg.location, home=who.site)
+            if site is None:
+                raise NotFound(f"unknown site {path_site!r}")
+            who.require_site(site.slug)
+            risk = msg.risk or Risk.LOW
+            conv = Conversation(
+                id=str(uuid.uuid4()),
+                site=site.slug,
+                chatbot_id=who.id,
+                chat_session=msg.chat_session,
+                source=msg.chat_source,
+                client_id=msg.chat_sender,
+                client_name=msg.client_name or f"Client {msg.chat_sender[-4:]}",
+                contact_urn=msg.contact_urn,
+                contact_uuid=msg.contact_uuid,
+                location=(msg.location or "").upper() or None,
+                risk=risk.value,
+                risk_rank=risk.rank,
+                status=ConversationStatus.QUEUED.value,
+                created_at=t,
+                queued_at=t,
+            )
+            # Told before it is added: its INSERT then carries what it was told (no UPDATE after it).
+            await notices.conversation_created(core, tx, conv, t)  # queued, or out_of_hours
+            s.add(conv)
+            tx.wake_hunter = True
+            queue_changed = True
+        else:
+            if path_site is not None and path_site not in (conv.site, conv.origin_site):
+                raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
+            if conv.status == ConversationStatus.CLOSED:
+                raise Conflict(f"conversation {msg.chat_session!r} is closed")
+            before = (conv.contact_urn, conv.contact_uuid, conv.risk, conv.risk_rank)
+            after = refreshed_contact(before, msg)
+            if after != before:
+                conv.contact_urn, conv.contact_uuid, conv.risk, conv.risk_rank = after
+            # The queue's order and the dashboards change with a new conversation or a higher risk;
+            # another message in a conversation does not change them: no event to every socket of the site.
+            queue_changed = after[3] != before[3]
+        delivery = "delivered" if conv.status == ConversationStatus.ASSIGNED else "queued"
+        m = Message(
+            uuid=str(uuid.uuid4()),
+            conversation_id=conv.id,
+            direction="in",
+            external_id=msg.message_id or str(uuid.uuid4()),
+            text=msg.chat_message,
+            status=delivery,
+            created_at=t,
+            status_at=t,
+        )
+        s.add(m)
+        body = {
+            "status": "success",
+            "uuid": m.uuid,
+            "chat_session": conv.chat_session,
+            "message_id": m.external_id,
+            "delivery": delivery,
+            "created": created,
+        }
+        metrics.MESSAGES_IN.labels(conv.site).inc()
+        if msg.message_id is not None:
+            s.add(
+                IdempotencyKey(
+                    chatbot_id=who.id,
+                    message_id=msg.message_id,
+                    conversation_id=conv.id,
+                    response=json.dumps(body),
+                    created_at=t,
+                )
+            )
+        if conv.status == ConversationStatus.ASSIGNED and conv.counselor_id is not None:
+            await s.flush()  # the message's id, for its view
+            # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
+            tx.notify(conv.counselor_id, "message", message=message_view(m))
+        if queue_changed:
+            tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
+        return Answer(True, body)
 
 
 class InboundBatcher:
