@@ -7,16 +7,17 @@ transaction holds one message or two hundred (mailroom's "one path for one or ma
 
 Under load, many ``POST /api/chat/`` requests are in flight at once. Each one hands its message
 to the :class:`InboundBatcher` and waits; the batcher takes everything waiting and writes it in
-one transaction: one read of the idempotency keys, one read (and lock) of the conversations, one
-multi-row INSERT of the messages and one of the keys, one commit. Each request gets its own
-answer (or its own error) only after that commit, so a 201 still means "stored".
+one transaction: one read of the idempotency keys, one read (and lock) of the conversations, the
+new conversations (routing, first notice, the hunter's wake-up), one multi-row INSERT of the
+messages and one of the keys, one commit. Each request gets its own answer (or its own error)
+only after that commit, so a 201 still means "stored".
 
-What the batch does not store is handed back to be stored alone (the same :class:`_Writing`, for
-a batch of one in a transaction of its own): a new conversation (its routing, notices and hunter
-wake-up). If the batch's transaction fails as a whole (a constraint a concurrent writer tripped,
-say), every request in it is handed back too: one bad message fails only itself. Stored alone, a
-message whose conversation or ``message_id`` a concurrent writer has just created trips a unique
-constraint and is tried once more (it then finds the conversation to add to, or the repeat).
+If the batch's transaction fails as a whole (a constraint a concurrent writer tripped, say: on
+PostgreSQL, another instance creating the same conversation), every request in it is handed back
+and stored alone: the same :class:`_Writing`, for a batch of one in a transaction of its own, so
+one bad message fails only itself. Stored alone, a message whose conversation or ``message_id``
+a concurrent writer has just created trips a unique constraint and is tried once more (it then
+finds the conversation to add to, or the repeat).
 
 Handed-back messages keep their order: those of one chat are stored alone one at a time, in the
 order they arrived (a :class:`_Turn` each, in the chat's lane), and a later batch hands a chat's
@@ -190,10 +191,6 @@ class _Writing:
             .with_for_update()
         )
         return cls(core, tx, t, firsts, {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows})
-
-    def is_new(self, item: _Item) -> bool:
-        """``item`` starts a conversation (it is no repeat, and its chat has none)."""
-        return (item.key is None or item.key not in self.firsts) and item.chat not in self.convs
 
     async def place(self, item: _Item) -> Answer:
         """``item``'s answer; its rows are written by :meth:`write`. A :class:`DomainError` (a
@@ -398,7 +395,7 @@ class InboundBatcher:
         self._busy: dict[ChatKey, asyncio.Task[None]] = {}
 
     async def submit(self, who: Principal, msg: ChatIn, path_site: str | None) -> Answer:
-        """Store ``msg`` with others, or, if the batch hands it back, alone in its turn."""
+        """Store ``msg`` with others, or, if its batch hands it back, alone in its turn."""
         loop = asyncio.get_running_loop()
         item = _Item(who, msg, path_site, loop.create_future())
         self._waiting.append(item)
@@ -507,9 +504,7 @@ class InboundBatcher:
         async with self.core.tx() as tx:
             writing = await _Writing.read(self.core, tx, t, batch)
             for i, item in enumerate(batch):
-                # Earlier messages of this chat are still to be stored alone, or it is a new
-                # conversation (its routing and notices are the one-message path's).
-                if item.chat in self._lanes or writing.is_new(item):
+                if item.chat in self._lanes:  # earlier messages of this chat are still to be stored alone
                     outcomes[i] = self._turn(item)
                     continue
                 try:
