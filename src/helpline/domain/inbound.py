@@ -159,7 +159,9 @@ class _Writing:
     placed in turn (:meth:`place`: its checks, its rows, its answer), all written at once
     (:meth:`write`). A batch and a message stored alone differ only in how many it places."""
 
-    def __init__(self, core: Core, tx: Tx, t: float, firsts: dict[tuple[int, str], str], convs: dict[ChatKey, Seen]):
+    def __init__(
+        self, core: Core, tx: Tx, t: float, firsts: dict[tuple[int, str], str], convs: dict[ChatKey, Seen]
+    ) -> None:
         self.core = core
         self.tx = tx
         self.t = t
@@ -200,8 +202,8 @@ class _Writing:
             return repeat_answer(self.firsts[item.key], item.msg)
         conv = self.convs.get(item.chat)
         if conv is None:
-            conv = await self._create(item, _site_for(self.core, item))
-            return self._message(item, conv, created=True)
+            site = _site_for(self.core, item)  # its checks, before anything is written
+            return self._message(item, await self._create(item, site), created=True)
         _check_continues(conv, item)
         self._refresh(conv, item.msg)
         return self._message(item, conv, created=False)
@@ -307,6 +309,7 @@ def _check_continues(conv: Seen, item: _Item) -> None:
 
 
 def _new_conversation(item: _Item, site: Site, t: float) -> Conversation:
+    """``item``'s chat as a conversation queued at ``site`` since ``t``, with what its first message says."""
     msg = item.msg
     risk = msg.risk or Risk.LOW
     return Conversation(
