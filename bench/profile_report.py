@@ -47,7 +47,7 @@ MARKERS = [
     ("aiosqlite worker threads", "_connection_worker_thread"),
     ("uvicorn access log + logging", "Logger.handle (logging"),
     ("helpline authenticate", "authenticate (helpline"),
-    ("helpline _post_chat", "_post_chat (helpline"),
+    ("helpline inbound (POST /api/chat/'s store)", "(helpline/domain/inbound.py)"),
     ("helpline Hunter", "Hunter."),
     ("helpline OutboxWorker", "OutboxWorker."),
     ("httpx client (RapidPro)", "AsyncClient.send (httpx"),

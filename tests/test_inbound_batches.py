@@ -9,6 +9,8 @@ see: every message stored once, answers as if each had been posted alone, order 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,13 +18,13 @@ import pytest
 from sqlalchemy import insert, select
 
 from conftest import PG_URL, Env
-from helpline.domain import conversations as convs
+from helpline.domain import inbound
 from helpline.domain.auth import Principal, authenticate
-from helpline.domain.errors import Conflict
+from helpline.domain.errors import Conflict, PermissionDenied
 from helpline.domain.inbound import Answer, ChatIn
 from helpline.domain.states import Risk
 from helpline.runtime import metrics
-from helpline.store.models import Conversation, IdempotencyKey, Message
+from helpline.store.models import Conversation, IdempotencyKey, Message, OutboxEvent
 from helpline.testing.fake_chatbot import FakeChatbot
 from helpline.testing.fake_counselor import FakeCounselor
 
@@ -46,7 +48,7 @@ def principal(env: Env, bot: FakeChatbot) -> Principal:
 
 def posting(env: Env, who: Principal, msg: ChatIn) -> asyncio.Task[Answer]:
     """``msg`` posted as a request of its own, on the server's loop (call it there)."""
-    return asyncio.create_task(convs.post_chat(env.server.core, who, msg, path_site=None))
+    return asyncio.create_task(inbound.post_chat(env.server.core, who, msg, path_site=None))
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -170,7 +172,7 @@ def test_one_transaction_answers_each_message_as_if_posted_alone(env: Env) -> No
     assert env.server.call(contact()) == ("whatsapp:254700000001", "high")
 
 
-def test_a_new_conversation_in_a_batch_takes_the_one_message_path(env: Env) -> None:
+def test_a_new_conversation_in_a_batch_is_created_once_its_messages_in_order(env: Env) -> None:
     bot = env.chatbot()
     amina = env.counselor("amina", name="Amina")
     a = assigned(env, bot, amina, "old")
@@ -181,8 +183,56 @@ def test_a_new_conversation_in_a_batch_takes_the_one_message_path(env: Env) -> N
     assert [r.body["created"] for r in results if isinstance(r, Answer)].count(True) == 1
     assert [t for _, t in stored(env, a)] == ["hello", "x"]
     offer = amina.wait_for("offer", lambda e: e["offer"]["conversation"]["chat_session"] == "new")
-    # The second waited for the first to create the conversation: stored once each, in order.
+    # The first created the conversation, the second was added to it: stored once each, in order.
     assert [t for _, t in stored(env, offer["offer"]["conversation"]["id"])] == ["first", "second"]
+
+
+def test_a_batch_creates_its_new_conversations_and_a_forbidden_site_fails_only_its_message(env: Env) -> None:
+    """New conversations are created in the batch's own transaction, each once and told
+    ``queued`` once; a repeat of the message that created one gets its answer; a message for a
+    site the chatbot may not use fails alone, and the batch does not fall back."""
+    bot = env.chatbot("weni-ke", site="ke")
+    amina = env.counselor("amina", name="Amina")
+    known = assigned(env, bot, amina, "known")
+    failed = _failed()
+    results = post_together(
+        env,
+        bot,
+        [
+            chat_in("fresh-1", "one", "f1-1"),
+            chat_in("known", "x", "k-1"),
+            chat_in("fresh-2", "two", "f2-1", risk=Risk.HIGH),
+            chat_in("fresh-1", "one again", "f1-1"),  # a repeat of the message that created it
+            chat_in("fresh-1", "one more", "f1-2"),
+            chat_in("elsewhere", "hi", "e-1", location="TZ"),  # Tanzania's site: not this chatbot's
+            chat_in("fresh-2", "two more"),
+        ],
+    )
+    assert _failed() == failed, "the batch fell back to one message at a time"
+    one, x, two, one_again, one_more, elsewhere, two_more = results
+    assert isinstance(one, Answer) and one.created and one.body["created"] and one.body["delivery"] == "queued"
+    assert isinstance(two, Answer) and two.created and two.body["created"]
+    assert isinstance(one_again, Answer) and not one_again.created and one_again.body == one.body
+    assert isinstance(x, Answer) and x.created and x.body["delivery"] == "delivered"
+    assert all(isinstance(r, Answer) and r.created and not r.body["created"] for r in (x, one_more, two_more))
+    assert isinstance(elsewhere, PermissionDenied)
+
+    async def conversations() -> dict[str, tuple[str, str, list[str]]]:
+        async with env.server.core.sessionmaker() as s:
+            rows = (await s.execute(select(Conversation.chat_session, Conversation.id, Conversation.risk))).all()
+            notices = (await s.scalars(select(OutboxEvent.conversation_id).where(OutboxEvent.event == "queued"))).all()
+            return {r.chat_session: (r.id, r.risk, [n for n in notices if n == r.id]) for r in rows}
+
+    convs = env.server.call(conversations())
+    assert sorted(convs) == ["fresh-1", "fresh-2", "known"]
+    (f1, f1_risk, f1_told), (f2, f2_risk, f2_told) = convs["fresh-1"], convs["fresh-2"]
+    assert (f1_risk, f2_risk) == ("low", "high")
+    assert len(f1_told) == 1 and len(f2_told) == 1
+    assert [t for _, t in stored(env, f1)] == ["one", "one more"]
+    assert [t for _, t in stored(env, f2)] == ["two", "two more"]
+    assert [t for _, t in stored(env, known)] == ["hello", "x"]
+    # The hunter was woken: the riskier one is offered.
+    amina.wait_for("offer", lambda e: e["offer"]["conversation"]["chat_session"] == "fresh-2")
 
 
 def plant_a_clash(env: Env, conversation_id: str) -> None:
@@ -310,3 +360,54 @@ def test_a_batch_waits_for_a_running_batch_with_the_same_chat(env: Env) -> None:
     assert all(isinstance(r, Answer) and r.created for r in results), results
     assert [t for _, t in stored(env, b)] == ["hello", "b1", "b2"]
     assert [t for _, t in stored(env, a)] == ["hello", "a1"]
+
+
+@pytest.mark.skipif(
+    not PG_URL, reason="another writer creating a conversation meanwhile: another instance (PostgreSQL)"
+)
+def test_a_conversation_another_instance_creates_meanwhile_fails_the_batch_and_its_messages_are_stored_alone(
+    env: Env,
+) -> None:
+    """Another instance creates the batch's new conversation first, committing only after the
+    batch has read: the batch's INSERT trips the unique constraint and the batch fails as a
+    whole; each of its messages is then stored alone, in order, the new chat's into the
+    conversation the other instance made."""
+    bot = env.chatbot()
+    amina = env.counselor("amina", name="Amina")
+    known = assigned(env, bot, amina, "race-known")
+    core = env.server.core
+    who = principal(env, bot)
+    other = str(uuid.uuid4())
+
+    async def go() -> list[Answer | BaseException]:
+        failed, before = _failed(), _batches()
+        async with core.sessionmaker() as s, s.begin():  # the other instance's transaction
+            t = time.time()
+            s.add(
+                Conversation(
+                    id=other,
+                    site="ke",
+                    chatbot_id=who.id,
+                    chat_session="race-new",
+                    source="WENI",
+                    client_id="23343411",
+                    status="queued",
+                    created_at=t,
+                    queued_at=t,
+                )
+            )
+            await s.flush()
+            sent = (("race-known", "x", "r-x"), ("race-new", "first", "r-1"), ("race-new", "second", "r-2"))
+            tasks = [posting(env, who, chat_in(session, text, message_id)) for session, text, message_id in sent]
+            await until(lambda: _batches() != before, "the batch started")
+            await asyncio.sleep(0.5)  # it has read (no such conversation yet) and waits on the new row's key
+            assert not any(t.done() for t in tasks)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert _failed() == failed + 1, "the batch did not fail"
+        return results
+
+    x, first, second = env.server.call(go())
+    assert all(isinstance(r, Answer) and r.created for r in (x, first, second)), (x, first, second)
+    assert isinstance(first, Answer) and not first.body["created"]  # the other instance created it
+    assert [t for _, t in stored(env, known)] == ["hello", "x"]
+    assert [t for _, t in stored(env, other)] == ["first", "second"]

@@ -12,8 +12,8 @@ from helpline.api.deps import body_doc, core_of, inline_defs, principal, read_bo
 from helpline.api.errors import ApiError, responses
 from helpline.api.schemas import ChatAcked, ChatClosed, ChatList, ChatMessages, answer
 from helpline.domain import conversations as convs
+from helpline.domain import inbound
 from helpline.domain.auth import Principal, issue_token, revoke_token
-from helpline.domain.inbound import ChatIn
 from helpline.domain.states import Risk
 from helpline.domain.views import iso
 
@@ -142,10 +142,10 @@ async def revoke(request: Request, _who: Caller) -> Response:
 )
 async def post_chat(request: Request, who: Caller, site: SiteSlug) -> JSONResponse:
     body = await read_json(request, ChatPost)
-    answer = await convs.post_chat(
+    answer = await inbound.post_chat(
         core_of(request),
         who,
-        ChatIn(
+        inbound.ChatIn(
             chat_sender=str(body.chat_sender),
             chat_receiver=None if body.chat_receiver is None else str(body.chat_receiver),
             chat_message=body.chat_message,

@@ -1,144 +1,25 @@
-"""The chatbot's side of a conversation: post a message, close, acknowledge, list."""
+"""The chatbot's side of a conversation once it is under way: close, acknowledge, list.
+
+A chatbot message (``POST /api/chat/``) is ``domain.inbound``'s: its one path, batched or alone.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
-import uuid
 from typing import Any
 
 from sqlalchemy import or_, select, tuple_
-from sqlalchemy.exc import IntegrityError
 
-from helpline.domain import notices
 from helpline.domain.auth import Principal, require_chatbot
-from helpline.domain.errors import Conflict, Invalid, NotFound
-from helpline.domain.inbound import Answer, ChatIn, InboundBatcher, refreshed_contact, repeat_answer
-from helpline.domain.states import ConversationStatus, OfferStatus, Risk, move_conversation
+from helpline.domain.errors import Invalid, NotFound
+from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
-from helpline.runtime import metrics
 from helpline.runtime.core import Core, Tx, now
-from helpline.store.models import Agent, Conversation, IdempotencyKey, Message, Offer, User
+from helpline.store.models import Agent, Conversation, Message, Offer, User
 
 # Order of a counselor message's delivery as the chatbot reports it; it never goes backwards.
 _OUT_RANK = {"pending": 0, "sent": 1, "delivered": 2, "read": 3}
-
-
-async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
-    require_chatbot(who, path_site)
-
-    async def alone(new: bool) -> Answer:  # what the batch hands back (a new conversation, say)
-        try:
-            return await _post_chat(core, who, msg, path_site=path_site, new=new)
-        except IntegrityError:
-            # A concurrent request with the same message_id or chat_session won the race: its row is
-            # committed now, so the second try finds it (a repeat, or the conversation to add to).
-            return await _post_chat(core, who, msg, path_site=path_site)
-
-    return await InboundBatcher.of(core).submit(who, msg, path_site, alone)
-
-
-async def _post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None, new: bool = False) -> Answer:
-    """``new``: the inbound batch has just found neither the message_id nor the conversation, so they
-    are not read again; one created since trips a unique constraint (IntegrityError: the caller
-    tries again without ``new``)."""
-    t = now()
-    async with core.tx() as tx:
-        s = tx.session
-        conv: Conversation | None = None
-        if not new:
-            if msg.message_id is not None:
-                first = await s.scalar(
-                    select(IdempotencyKey.response).where(
-                        IdempotencyKey.chatbot_id == who.id, IdempotencyKey.message_id == msg.message_id
-                    )
-                )
-                if first is not None:
-                    return repeat_answer(first, msg)
-            conv = await s.scalar(
-                select(Conversation)
-                .where(Conversation.chatbot_id == who.id, Conversation.chat_session == msg.chat_session)
-                .with_for_update()
-            )
-        created = conv is None
-        if conv is None:
-            site = core.sites.choose(path_slug=path_site, location=msg.location, home=who.site)
-            if site is None:
-                raise NotFound(f"unknown site {path_site!r}")
-            who.require_site(site.slug)
-            risk = msg.risk or Risk.LOW
-            conv = Conversation(
-                id=str(uuid.uuid4()),
-                site=site.slug,
-                chatbot_id=who.id,
-                chat_session=msg.chat_session,
-                source=msg.chat_source,
-                client_id=msg.chat_sender,
-                client_name=msg.client_name or f"Client {msg.chat_sender[-4:]}",
-                contact_urn=msg.contact_urn,
-                contact_uuid=msg.contact_uuid,
-                location=(msg.location or "").upper() or None,
-                risk=risk.value,
-                risk_rank=risk.rank,
-                status=ConversationStatus.QUEUED.value,
-                created_at=t,
-                queued_at=t,
-            )
-            # Told before it is added: its INSERT then carries what it was told (no UPDATE after it).
-            await notices.conversation_created(core, tx, conv, t)  # queued, or out_of_hours
-            s.add(conv)
-            tx.wake_hunter = True
-            queue_changed = True
-        else:
-            if path_site is not None and path_site not in (conv.site, conv.origin_site):
-                raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
-            if conv.status == ConversationStatus.CLOSED:
-                raise Conflict(f"conversation {msg.chat_session!r} is closed")
-            before = (conv.contact_urn, conv.contact_uuid, conv.risk, conv.risk_rank)
-            after = refreshed_contact(before, msg)
-            if after != before:
-                conv.contact_urn, conv.contact_uuid, conv.risk, conv.risk_rank = after
-            # The queue's order and the dashboards change with a new conversation or a higher risk;
-            # another message in a conversation does not change them: no event to every socket of the site.
-            queue_changed = after[3] != before[3]
-        delivery = "delivered" if conv.status == ConversationStatus.ASSIGNED else "queued"
-        m = Message(
-            uuid=str(uuid.uuid4()),
-            conversation_id=conv.id,
-            direction="in",
-            external_id=msg.message_id or str(uuid.uuid4()),
-            text=msg.chat_message,
-            status=delivery,
-            created_at=t,
-            status_at=t,
-        )
-        s.add(m)
-        body = {
-            "status": "success",
-            "uuid": m.uuid,
-            "chat_session": conv.chat_session,
-            "message_id": m.external_id,
-            "delivery": delivery,
-            "created": created,
-        }
-        metrics.MESSAGES_IN.labels(conv.site).inc()
-        if msg.message_id is not None:
-            s.add(
-                IdempotencyKey(
-                    chatbot_id=who.id,
-                    message_id=msg.message_id,
-                    conversation_id=conv.id,
-                    response=json.dumps(body),
-                    created_at=t,
-                )
-            )
-        if conv.status == ConversationStatus.ASSIGNED and conv.counselor_id is not None:
-            await s.flush()  # the message's id, for its view
-            # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
-            tx.notify(conv.counselor_id, "message", message=message_view(m))
-        if queue_changed:
-            tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
-        return Answer(True, body)
 
 
 async def _chatbot_conversation(tx: Tx, who: Principal, chat_session: str, path_site: str | None) -> Conversation:

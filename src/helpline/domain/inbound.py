@@ -1,21 +1,27 @@
-"""Chatbot messages that continue a conversation, written in batches: one transaction for many.
+"""``POST /api/chat/``, the whole of it: a chatbot message, written in batches (one transaction for many).
+
+A message has one way in, :func:`post_chat`, and one way to be stored, :class:`_Writing`: the
+message row, its 201 body and its idempotency record are built in one place whether the
+transaction holds one message or two hundred (mailroom's "one path for one or many").
+``domain.conversations`` keeps what follows (close, acknowledge, list).
 
 Under load, many ``POST /api/chat/`` requests are in flight at once. Each one hands its message
 to the :class:`InboundBatcher` and waits; the batcher takes everything waiting and writes it in
-one transaction: one read of the idempotency keys, one read (and lock) of the conversations, one
-multi-row INSERT of the messages and one of the keys, one commit. Each request gets its own
-answer (or its own error) only after that commit, so a 201 still means "stored".
+one transaction: one read of the idempotency keys, one read (and lock) of the conversations, the
+new conversations (routing, first notice, the hunter's wake-up), one multi-row INSERT of the
+messages and one of the keys, one commit. Each request gets its own answer (or its own error)
+only after that commit, so a 201 still means "stored".
 
-What the batch does not handle is handed back to the caller's one-message path in
-``domain.conversations``: a new conversation (its routing, notices and hunter wake-up; the
-batch's read is not repeated there, a conversation created meanwhile trips the unique constraint
-and that path starts again). If the batch's transaction fails as a whole (a constraint a
-concurrent writer tripped, say), every request in it is handed back too, and each is retried
-alone: one bad message fails only itself.
+If the batch's transaction fails as a whole (a constraint a concurrent writer tripped, say: on
+PostgreSQL, another instance creating the same conversation), every request in it is handed back
+and stored alone: the same :class:`_Writing`, for a batch of one in a transaction of its own, so
+one bad message fails only itself. Stored alone, a message whose conversation or ``message_id``
+a concurrent writer has just created trips a unique constraint and is tried once more (it then
+finds the conversation to add to, or the repeat).
 
-Handed-back messages keep their order: those of one chat take the one-message path one at a time,
-in the order they arrived (a :class:`_Turn` each, in the chat's lane), and a later batch hands a
-chat's messages back too while that chat's lane is not empty, rather than store them ahead.
+Handed-back messages keep their order: those of one chat are stored alone one at a time, in the
+order they arrived (a :class:`_Turn` each, in the chat's lane), and a later batch hands a chat's
+messages back too while that chat's lane is not empty, rather than store them ahead.
 """
 
 from __future__ import annotations
@@ -24,19 +30,22 @@ import asyncio
 import functools
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
 from sqlalchemy import ColumnElement, Table, and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
-from helpline.domain.auth import Principal
-from helpline.domain.errors import Conflict
+from helpline.config.sites import Site
+from helpline.domain import notices
+from helpline.domain.auth import Principal, require_chatbot
+from helpline.domain.errors import Conflict, DomainError, NotFound
 from helpline.domain.states import ConversationStatus, Risk
 from helpline.domain.views import message_view
 from helpline.runtime import metrics
-from helpline.runtime.core import Core, now
+from helpline.runtime.core import Core, Tx, now
 from helpline.store.db import is_sqlite
 from helpline.store.models import Conversation, IdempotencyKey, Message
 
@@ -71,11 +80,269 @@ class Answer:
     body: dict[str, Any]
 
 
-Alone = Callable[[bool], Awaitable[Answer]]
-"""The one-message path for a message the batch hands back; its argument says whether the batch
-found neither the message's ``message_id`` nor its conversation (they need not be read again)."""
-
 ChatKey = tuple[int, str]  # (chatbot id, chat_session)
+
+
+async def post_chat(core: Core, who: Principal, msg: ChatIn, *, path_site: str | None) -> Answer:
+    """One chatbot message: stored (``created``, answered 201) once its transaction has committed,
+    or a repeat of a ``message_id`` (answered 200 with the first answer)."""
+    require_chatbot(who, path_site)
+    return await InboundBatcher.of(core).submit(who, msg, path_site)
+
+
+def repeat_answer(first: str, msg: ChatIn) -> Answer:
+    """The stored first answer to a ``message_id``, for a repeat of it (409 if from another chat)."""
+    answer: dict[str, Any] = json.loads(first)
+    if answer.get("chat_session") != msg.chat_session:
+        # Not a retry: answering 200 would tell the chatbot a message it never stored arrived.
+        raise Conflict(
+            f"message_id {msg.message_id!r} was already used in another chat_session",
+            fields={"message_id": ["already used in another chat_session"]},
+        )
+    return Answer(False, answer)
+
+
+_CONTACT = ("contact_urn", "contact_uuid", "risk", "risk_rank")
+Contact = tuple[str | None, str | None, str, int]
+
+
+def refreshed_contact(current: Contact, msg: ChatIn) -> Contact:
+    """A conversation's (contact_urn, contact_uuid, risk, risk_rank) after a later message of it,
+    which may bring the contact's URN or UUID, or a higher risk (never a lower one)."""
+    urn, uuid_, risk, risk_rank = current
+    if msg.risk is not None and msg.risk.rank > risk_rank:
+        risk, risk_rank = msg.risk.value, msg.risk.rank
+    return msg.contact_urn or urn, msg.contact_uuid or uuid_, risk, risk_rank
+
+
+# -- Storing: one transaction's messages, one or many ------------------------------------------
+
+# What a transaction reads (and locks) of each conversation it adds messages to.
+_SEEN = (
+    _C.id,
+    _C.chatbot_id,
+    _C.chat_session,
+    _C.site,
+    _C.origin_site,
+    _C.status,
+    _C.counselor_id,
+    _C.risk,
+    _C.risk_rank,
+    _C.contact_urn,
+    _C.contact_uuid,
+)
+Seen = dict[str, Any]
+"""A conversation as a transaction sees it: the columns of ``_SEEN`` by name."""
+
+
+@dataclass
+class _Item:
+    """A message waiting for its transaction, and its request's future."""
+
+    who: Principal
+    msg: ChatIn
+    path_site: str | None
+    future: asyncio.Future[Answer | _Turn]
+
+    @property
+    def chat(self) -> ChatKey:
+        return (self.who.id, self.msg.chat_session)
+
+    @property
+    def key(self) -> tuple[int, str] | None:
+        """Its idempotency key, if the chatbot gave a ``message_id``."""
+        return None if self.msg.message_id is None else (self.who.id, self.msg.message_id)
+
+
+class _Writing:
+    """What one transaction stores: read once for all its messages (:meth:`read`), each message
+    placed in turn (:meth:`place`: its checks, its rows, its answer), all written at once
+    (:meth:`write`). A batch and a message stored alone differ only in how many it places."""
+
+    def __init__(
+        self, core: Core, tx: Tx, t: float, firsts: dict[tuple[int, str], str], convs: dict[ChatKey, Seen]
+    ) -> None:
+        self.core = core
+        self.tx = tx
+        self.t = t
+        self.firsts = firsts  # the first answers to the items' message_ids, and to those placed since
+        self.convs = convs  # the items' conversations, and those created since
+        self.changed: dict[str, Seen] = {}  # by id: conversations whose contact or risk a message changed
+        self.messages: list[dict[str, Any]] = []  # the message rows, in the order placed
+        self.placed: list[Seen] = []  # each message row's conversation
+        self.keys: list[dict[str, Any]] = []  # the idempotency rows
+        self.created = False  # new conversations, flushed by the ORM before the messages
+
+    @classmethod
+    async def read(cls, core: Core, tx: Tx, t: float, items: list[_Item]) -> _Writing:
+        """The items' first answers and their conversations (locked, in one order for every writer)."""
+        conn = await tx.session.connection()
+        firsts: dict[tuple[int, str], str] = {}
+        keys = {key for it in items if (key := it.key) is not None}
+        if keys:
+            rows = await conn.execute(
+                select(_K.c.chatbot_id, _K.c.message_id, _K.c.response).where(
+                    _pairs_in(_K.c.chatbot_id, _K.c.message_id, keys)
+                )
+            )
+            firsts = {(r.chatbot_id, r.message_id): r.response for r in rows}
+        rows = await conn.execute(
+            select(*_SEEN)
+            .where(_pairs_in(_C.chatbot_id, _C.chat_session, {it.chat for it in items}))
+            .order_by(_C.id)  # one lock order for every writer
+            .with_for_update()
+        )
+        return cls(core, tx, t, firsts, {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows})
+
+    async def place(self, item: _Item) -> Answer:
+        """``item``'s answer; its rows are written by :meth:`write`. A :class:`DomainError` (a
+        repeat from another chat, a closed conversation, a site the chatbot may not use) is
+        raised before anything of ``item`` is placed."""
+        if item.key is not None and item.key in self.firsts:
+            return repeat_answer(self.firsts[item.key], item.msg)
+        conv = self.convs.get(item.chat)
+        if conv is None:
+            site = _site_for(self.core, item)  # its checks, before anything is written
+            return self._message(item, await self._create(item, site), created=True)
+        _check_continues(conv, item)
+        self._refresh(conv, item.msg)
+        return self._message(item, conv, created=False)
+
+    async def _create(self, item: _Item, site: Site) -> Seen:
+        """``item``'s new conversation at ``site``: queued, told so (or ``out_of_hours``), hunted."""
+        conv = _new_conversation(item, site, self.t)
+        # Told before it is added: its INSERT then carries what it was told (no UPDATE after it).
+        await notices.conversation_created(self.core, self.tx, conv, self.t)
+        self.tx.session.add(conv)
+        self.created = True
+        self.tx.wake_hunter = True
+        self.tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)  # the queue's order changed
+        seen = self.convs[item.chat] = {column.name: getattr(conv, column.name) for column in _SEEN}
+        return seen
+
+    def _refresh(self, conv: Seen, msg: ChatIn) -> None:
+        """What a later message says of the contact: its URN or UUID, a higher risk."""
+        before: Contact = (conv["contact_urn"], conv["contact_uuid"], conv["risk"], conv["risk_rank"])
+        after = refreshed_contact(before, msg)
+        if after != before:
+            conv.update(zip(_CONTACT, after, strict=True))
+            self.changed[conv["id"]] = conv
+        # The queue's order and the dashboards change with a higher risk; another message in a
+        # conversation does not change them: no event to every socket of the site.
+        if after[3] != before[3]:
+            self.tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
+
+    def _message(self, item: _Item, conv: Seen, *, created: bool) -> Answer:
+        """The message row, its 201 body, and with a ``message_id`` the idempotency row that
+        answers a repeat with that same body (a repeat later in this transaction included)."""
+        msg = item.msg
+        delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
+        row = {
+            "uuid": str(uuid.uuid4()),
+            "conversation_id": conv["id"],
+            "direction": "in",
+            "external_id": msg.message_id or str(uuid.uuid4()),
+            "text": msg.chat_message,
+            "status": delivery,
+            "created_at": self.t,
+            "status_at": self.t,
+        }
+        body = {
+            "status": "success",
+            "uuid": row["uuid"],
+            "chat_session": msg.chat_session,
+            "message_id": row["external_id"],
+            "delivery": delivery,
+            "created": created,
+        }
+        self.messages.append(row)
+        self.placed.append(conv)
+        if item.key is not None:
+            response = self.firsts[item.key] = json.dumps(body)
+            self.keys.append(
+                {
+                    "chatbot_id": item.key[0],
+                    "message_id": item.key[1],
+                    "conversation_id": conv["id"],
+                    "response": response,
+                    "created_at": self.t,
+                }
+            )
+        return Answer(True, body)
+
+    async def write(self) -> None:
+        """Everything placed: the new conversations (with their notices), the contact changes,
+        the messages in one INSERT (their ids in the order placed), the idempotency rows."""
+        if self.created:
+            await self.tx.session.flush()  # before the messages that refer to them
+        conn = await self.tx.session.connection()
+        for conv in self.changed.values():
+            await conn.execute(update(_CONVERSATIONS).where(_C.id == conv["id"]).values({c: conv[c] for c in _CONTACT}))
+        if self.messages:
+            ids = (
+                await conn.execute(insert(_M).returning(_M.c.id, sort_by_parameter_order=True), self.messages)
+            ).scalars()
+            for row, id_, conv in zip(self.messages, ids, self.placed, strict=True):
+                metrics.MESSAGES_IN.labels(conv["site"]).inc()
+                if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
+                    # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
+                    self.tx.notify(conv["counselor_id"], "message", message=message_view(Message(id=id_, **row)))
+        if self.keys:
+            await conn.execute(insert(_K), self.keys)
+
+
+def _site_for(core: Core, item: _Item) -> Site:
+    """A new conversation's site: the path's, the ``location``'s, the chatbot's own, the default."""
+    site = core.sites.choose(path_slug=item.path_site, location=item.msg.location, home=item.who.site)
+    if site is None:
+        raise NotFound(f"unknown site {item.path_site!r}")
+    item.who.require_site(site.slug)
+    return site
+
+
+def _check_continues(conv: Seen, item: _Item) -> None:
+    """``item`` may join ``conv``: a conversation of the path's site (or that came in through it), not closed."""
+    if item.path_site is not None and item.path_site not in (conv["site"], conv["origin_site"]):
+        raise Conflict(f"conversation {item.msg.chat_session!r} belongs to another site")
+    if conv["status"] == ConversationStatus.CLOSED:
+        raise Conflict(f"conversation {item.msg.chat_session!r} is closed")
+
+
+def _new_conversation(item: _Item, site: Site, t: float) -> Conversation:
+    """``item``'s chat as a conversation queued at ``site`` since ``t``, with what its first message says."""
+    msg = item.msg
+    risk = msg.risk or Risk.LOW
+    return Conversation(
+        id=str(uuid.uuid4()),
+        site=site.slug,
+        chatbot_id=item.who.id,
+        chat_session=msg.chat_session,
+        source=msg.chat_source,
+        client_id=msg.chat_sender,
+        client_name=msg.client_name or f"Client {msg.chat_sender[-4:]}",
+        contact_urn=msg.contact_urn,
+        contact_uuid=msg.contact_uuid,
+        location=(msg.location or "").upper() or None,
+        risk=risk.value,
+        risk_rank=risk.rank,
+        status=ConversationStatus.QUEUED.value,
+        created_at=t,
+        queued_at=t,
+    )
+
+
+def _pairs_in(
+    owner: ColumnElement[int], name: ColumnElement[str], pairs: Iterable[tuple[int, str]]
+) -> ColumnElement[bool]:
+    """``(owner, name) IN pairs``, written per owner (usually one chatbot): ``owner = ? AND name IN (...)``,
+    which binds faster than a tuple IN and uses the same unique index."""
+    by_owner: dict[int, list[str]] = {}
+    for o, n in pairs:
+        by_owner.setdefault(o, []).append(n)
+    return or_(*(and_(owner == o, name.in_(sorted(names))) for o, names in sorted(by_owner.items())))
+
+
+# -- Batching: who goes in which transaction, and in which order --------------------------------
 
 
 @dataclass(frozen=True)
@@ -83,7 +350,6 @@ class _Turn:
     """A handed-back message's place in its chat's lane: it goes once ``after`` (the message
     handed back before it in that chat) is done, and sets ``done`` when it is."""
 
-    new: bool
     after: asyncio.Future[None] | None
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -101,28 +367,8 @@ def _set(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-@dataclass
-class _Item:
-    who: Principal
-    msg: ChatIn
-    path_site: str | None
-    future: asyncio.Future[Answer | _Turn]
-
-    @property
-    def chat(self) -> ChatKey:
-        return (self.who.id, self.msg.chat_session)
-
-
-def repeat_answer(first: str, msg: ChatIn) -> Answer:
-    """The stored first answer to a ``message_id``, for a repeat of it (409 if from another chat)."""
-    answer: dict[str, Any] = json.loads(first)
-    if answer.get("chat_session") != msg.chat_session:
-        # Not a retry: answering 200 would tell the chatbot a message it never stored arrived.
-        raise Conflict(
-            f"message_id {msg.message_id!r} was already used in another chat_session",
-            fields={"message_id": ["already used in another chat_session"]},
-        )
-    return Answer(False, answer)
+Outcomes = list[Answer | Exception | _Turn | None]
+"""Per message of a batch: its answer, its error, its turn to be stored alone, or not yet known."""
 
 
 class InboundBatcher:
@@ -151,19 +397,20 @@ class InboundBatcher:
         # and then finds the lanes it opened).
         self._busy: dict[ChatKey, asyncio.Task[None]] = {}
 
-    async def submit(self, who: Principal, msg: ChatIn, path_site: str | None, alone: Alone) -> Answer:
-        """Store ``msg`` with others, or, if the batch hands it back, by ``alone`` in its turn."""
+    async def submit(self, who: Principal, msg: ChatIn, path_site: str | None) -> Answer:
+        """Store ``msg`` with others, or, if its batch hands it back, alone in its turn."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer | _Turn] = loop.create_future()
-        self._waiting.append(_Item(who, msg, path_site, future))
+        item = _Item(who, msg, path_site, loop.create_future())
+        self._waiting.append(item)
         if not self._kick_scheduled:
             # After the requests already runnable in this turn of the loop have handed theirs over.
             self._kick_scheduled = True
             loop.call_soon(self._kick)
         try:
-            outcome = await future
+            outcome = await item.future
         except asyncio.CancelledError:
             # Cancelled after the batch handed it back, before it woke: its place must not block the lane.
+            future = item.future
             if future.done() and not future.cancelled() and future.exception() is None:
                 if isinstance(turn := future.result(), _Turn):
                     turn.release()
@@ -173,15 +420,30 @@ class InboundBatcher:
         try:
             if outcome.after is not None:
                 await asyncio.wait({outcome.after})  # unlike an await, it leaves ``after`` alone if cancelled
-            return await alone(outcome.new)
+            return await self._alone(item)
         finally:
             outcome.release()
 
-    def _turn(self, item: _Item, new: bool) -> _Turn:
-        """The next place in ``item``'s chat lane. Only a lane's first message can be new: the
-        earlier ones may have created the conversation."""
-        after = self._lanes.get(item.chat)
-        turn = _Turn(new=new and after is None, after=after)
+    async def _alone(self, item: _Item) -> Answer:
+        """``item`` in a transaction of its own. A concurrent request with the same message_id or
+        chat_session may have won the race: its row is committed now, so the second try finds it
+        (a repeat, or the conversation to add to)."""
+        try:
+            return await self._store_alone(item)
+        except IntegrityError:
+            return await self._store_alone(item)
+
+    async def _store_alone(self, item: _Item) -> Answer:
+        t = now()
+        async with self.core.tx() as tx:
+            writing = await _Writing.read(self.core, tx, t, [item])
+            answer = await writing.place(item)  # its error rolls back nothing but reads
+            await writing.write()
+            return answer
+
+    def _turn(self, item: _Item) -> _Turn:
+        """The next place in ``item``'s chat lane."""
+        turn = _Turn(after=self._lanes.get(item.chat))
         self._lanes[item.chat] = turn.done
         turn.done.add_done_callback(lambda done: self._lane_done(item.chat, done))
         return turn
@@ -209,7 +471,7 @@ class InboundBatcher:
         self._kick()
 
     async def _run(self, batch: list[_Item], after: set[asyncio.Task[None]]) -> None:
-        outcomes: list[Answer | Exception | _Turn | None] = [None] * len(batch)
+        outcomes: Outcomes = [None] * len(batch)
         committed = False
         try:
             if after:  # batches before it with some of its chats (a wait does not cancel them)
@@ -232,156 +494,24 @@ class InboundBatcher:
                 else:
                     item.future.set_result(outcome)
 
-    def _hand_back_the_rest(self, batch: list[_Item], outcomes: list[Answer | Exception | _Turn | None]) -> None:
+    def _hand_back_the_rest(self, batch: list[_Item], outcomes: Outcomes) -> None:
         """Every message not already handed back is, in batch order, to be stored alone."""
         for i, item in enumerate(batch):
             if not isinstance(outcomes[i], _Turn):
-                outcomes[i] = self._turn(item, new=False)
+                outcomes[i] = self._turn(item)
 
-    async def _write(self, batch: list[_Item], outcomes: list[Answer | Exception | _Turn | None]) -> None:
+    async def _write(self, batch: list[_Item], outcomes: Outcomes) -> None:
         """Fills in ``outcomes``; they stand if it returns (committed)."""
         metrics.INBOUND_BATCH.observe(len(batch))
         t = now()
         async with self.core.tx() as tx:
-            conn = await tx.session.connection()
-            firsts: dict[tuple[int, str], str] = {}
-            keys = {(it.who.id, it.msg.message_id) for it in batch if it.msg.message_id is not None}
-            if keys:
-                rows = await conn.execute(
-                    select(_K.c.chatbot_id, _K.c.message_id, _K.c.response).where(
-                        _pairs_in(_K.c.chatbot_id, _K.c.message_id, keys)
-                    )
-                )
-                firsts = {(r.chatbot_id, r.message_id): r.response for r in rows}
-            sessions = {(it.who.id, it.msg.chat_session) for it in batch}
-            rows = await conn.execute(
-                select(
-                    _C.id,
-                    _C.chatbot_id,
-                    _C.chat_session,
-                    _C.site,
-                    _C.origin_site,
-                    _C.status,
-                    _C.counselor_id,
-                    _C.risk,
-                    _C.risk_rank,
-                    _C.contact_urn,
-                    _C.contact_uuid,
-                )
-                .where(_pairs_in(_C.chatbot_id, _C.chat_session, sessions))
-                .order_by(_C.id)  # one lock order for every writer
-                .with_for_update()
-            )
-            convs = {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows}
-            changed: dict[str, dict[str, Any]] = {}
-            messages: list[dict[str, Any]] = []
-            idem: list[dict[str, Any]] = []
-            placed: list[tuple[int, dict[str, Any]]] = []  # (item index, its conversation) per message
-            for i, it in enumerate(batch):
-                msg = it.msg
-                key = (it.who.id, msg.message_id) if msg.message_id is not None else None
-                if it.chat in self._lanes:  # earlier messages of this chat are still to be stored alone
-                    outcomes[i] = self._turn(it, new=False)
+            writing = await _Writing.read(self.core, tx, t, batch)
+            for i, item in enumerate(batch):
+                if item.chat in self._lanes:  # earlier messages of this chat are still to be stored alone
+                    outcomes[i] = self._turn(item)
                     continue
                 try:
-                    if key is not None and key in firsts:
-                        outcomes[i] = repeat_answer(firsts[key], msg)
-                        continue
-                    conv = convs.get((it.who.id, msg.chat_session))
-                    if conv is None:
-                        outcomes[i] = self._turn(it, new=True)  # the one-message path creates it
-                        continue
-                    if it.path_site is not None and it.path_site not in (conv["site"], conv["origin_site"]):
-                        raise Conflict(f"conversation {msg.chat_session!r} belongs to another site")
-                    if conv["status"] == ConversationStatus.CLOSED:
-                        raise Conflict(f"conversation {msg.chat_session!r} is closed")
-                except Conflict as exc:
+                    outcomes[i] = await writing.place(item)
+                except DomainError as exc:
                     outcomes[i] = exc
-                    continue
-                before: Contact = (conv["contact_urn"], conv["contact_uuid"], conv["risk"], conv["risk_rank"])
-                after = refreshed_contact(before, msg)
-                if after != before:
-                    conv.update(zip(_CONTACT, after, strict=True))
-                    changed[conv["id"]] = conv
-                if after[3] != before[3]:  # the queue's order and the dashboards change
-                    tx.notify_site(conv["site"], "queue_changed", conversation_id=conv["id"])
-                delivery = "delivered" if conv["status"] == ConversationStatus.ASSIGNED else "queued"
-                row = {
-                    "uuid": str(uuid.uuid4()),
-                    "conversation_id": conv["id"],
-                    "direction": "in",
-                    "external_id": msg.message_id or str(uuid.uuid4()),
-                    "text": msg.chat_message,
-                    "status": delivery,
-                    "created_at": t,
-                    "status_at": t,
-                }
-                body = {
-                    "status": "success",
-                    "uuid": row["uuid"],
-                    "chat_session": msg.chat_session,
-                    "message_id": row["external_id"],
-                    "delivery": delivery,
-                    "created": False,
-                }
-                messages.append(row)
-                placed.append((i, conv))
-                outcomes[i] = Answer(True, body)
-                if key is not None:
-                    response = json.dumps(body)
-                    firsts[key] = response  # a repeat later in this batch gets this answer
-                    idem.append(
-                        {
-                            "chatbot_id": key[0],
-                            "message_id": key[1],
-                            "conversation_id": conv["id"],
-                            "response": response,
-                            "created_at": t,
-                        }
-                    )
-            for conv in changed.values():
-                await conn.execute(
-                    update(_CONVERSATIONS)
-                    .where(_C.id == conv["id"])
-                    .values(
-                        risk=conv["risk"],
-                        risk_rank=conv["risk_rank"],
-                        contact_urn=conv["contact_urn"],
-                        contact_uuid=conv["contact_uuid"],
-                    )
-                )
-            if messages:
-                ids = (
-                    await conn.execute(insert(_M).returning(_M.c.id, sort_by_parameter_order=True), messages)
-                ).scalars()
-                for row, id_, (_i, conv) in zip(messages, ids, placed, strict=True):
-                    metrics.MESSAGES_IN.labels(conv["site"]).inc()
-                    if conv["status"] == ConversationStatus.ASSIGNED and conv["counselor_id"] is not None:
-                        # The answer's "delivery" tells the chatbot; RapidPro hears of it when the counselor reads.
-                        tx.notify(conv["counselor_id"], "message", message=message_view(Message(id=id_, **row)))
-            if idem:
-                await conn.execute(insert(_K), idem)
-
-
-def _pairs_in(
-    owner: ColumnElement[int], name: ColumnElement[str], pairs: Iterable[tuple[int, str]]
-) -> ColumnElement[bool]:
-    """``(owner, name) IN pairs``, written per owner (usually one chatbot): ``owner = ? AND name IN (...)``,
-    which binds faster than a tuple IN and uses the same unique index."""
-    by_owner: dict[int, list[str]] = {}
-    for o, n in pairs:
-        by_owner.setdefault(o, []).append(n)
-    return or_(*(and_(owner == o, name.in_(sorted(names))) for o, names in sorted(by_owner.items())))
-
-
-_CONTACT = ("contact_urn", "contact_uuid", "risk", "risk_rank")
-Contact = tuple[str | None, str | None, str, int]
-
-
-def refreshed_contact(current: Contact, msg: ChatIn) -> Contact:
-    """A conversation's (contact_urn, contact_uuid, risk, risk_rank) after a later message of it,
-    which may bring the contact's URN or UUID, or a higher risk (never a lower one)."""
-    urn, uuid_, risk, risk_rank = current
-    if msg.risk is not None and msg.risk.rank > risk_rank:
-        risk, risk_rank = msg.risk.value, msg.risk.rank
-    return msg.contact_urn or urn, msg.contact_uuid or uuid_, risk, risk_rank
+            await writing.write()
