@@ -83,7 +83,9 @@ def sites_toml(
     autopause: bool = True,
     retry_gap_s: float = 0.0,
     max_chats: int = 3,
+    ke_keys: str = "",
 ) -> str:
+    """Two sites, ke (the default) and tz; ``ke_keys``: more top-level keys of ke (``a = 1\\nb = 2``)."""
     return (
         textwrap.dedent(f"""
         [[site]]
@@ -92,6 +94,7 @@ def sites_toml(
         countries = ["KE"]
         timezone = "Africa/Nairobi"
         default = true
+        {ke_keys}
         [site.rapidpro]
         base_url = "{rapidpro.url}"
         token = "{rapidpro.token}"

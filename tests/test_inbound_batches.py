@@ -199,7 +199,7 @@ def test_a_batch_creates_its_new_conversations_and_a_forbidden_site_fails_only_i
         env,
         bot,
         [
-            chat_in("fresh-1", "one", "f1-1"),
+            chat_in("fresh-1", "one", "f1-1", risk=Risk.LOW),
             chat_in("known", "x", "k-1"),
             chat_in("fresh-2", "two", "f2-1", risk=Risk.HIGH),
             chat_in("fresh-1", "one again", "f1-1"),  # a repeat of the message that created it

@@ -45,7 +45,7 @@ def test_queued_then_position_updates_only_when_the_position_changed(make_env: C
 
     # Three in line at tz: queued with their positions and the default estimate (nothing assigned yet).
     for i in (1, 2, 3):
-        assert bot.send(f"low-{i}", "hello", location="TZ").status_code == 201
+        assert bot.send(f"low-{i}", "hello", location="TZ", risk="low").status_code == 201
         assert wait_notice(rp, f"low-{i}", "queued") == {
             "event": "queued",
             "conversation_id": f"low-{i}",
@@ -54,7 +54,7 @@ def test_queued_then_position_updates_only_when_the_position_changed(make_env: C
             "site": "C-Sema Tanzania",
         }
     # At ke (position_notice_s = 0) a low-risk one overtaken by a high-risk one hears nothing more.
-    assert bot.send("ke-low", "hi", location="KE").status_code == 201
+    assert bot.send("ke-low", "hi", location="KE", risk="low").status_code == 201
     assert bot.send("ke-high", "help", location="KE", risk="high").status_code == 201
     assert wait_notice(rp, "ke-high", "queued")["position"] == "1"
 

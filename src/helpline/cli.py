@@ -178,6 +178,8 @@ name = "{name}"
 countries = ["{country}"]           # ISO 3166-1 alpha-2: a handover's `location` picks the site
 timezone = "{timezone}"
 default = true                      # where a handover without a known location goes
+default_risk = "high"               # a handover without "risk": the chatbot hands over high-risk cases
+dedupe_window_s = 30                # the same text again within 30 s, without message_id: a retry (0: off)
 
 [site.rapidpro]                     # where counselor messages go: {{base_url}}/api/v2/flow_starts.json
 base_url = "{rapidpro_url}"

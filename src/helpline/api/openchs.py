@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictStr, ValidationError, WithJsonSchema
 
@@ -75,6 +75,9 @@ class ChatAnswer(BaseModel):
     message_id: str
     delivery: Literal["queued", "delivered", "read"]
     created: bool
+    duplicate: bool | None = Field(
+        None, description="true: the session's previous message again (no message_id), nothing stored"
+    )
 
 
 class ClosePost(BaseModel):
@@ -135,12 +138,31 @@ async def revoke(request: Request, _who: Caller) -> Response:
     response_model=ChatAnswer,
     openapi_extra=body_doc(ChatPost),
     responses={
-        **answer(ChatAnswer, "a repeat of a message_id: the first answer"),
+        **answer(
+            ChatAnswer,
+            "a repeat: of a message_id (or Idempotency-Key), the first answer; of the session's previous "
+            "text within the site's dedupe_window_s, its answer with duplicate: true",
+        ),
         **responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
     },
     summary="One message from the chatbot: starts or continues a conversation",
 )
-async def post_chat(request: Request, who: Caller, site: SiteSlug) -> JSONResponse:
+async def post_chat(
+    request: Request,
+    who: Caller,
+    site: SiteSlug,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=128,
+            pattern=r"^[\x21-\x7e]+$",
+            description="The message's idempotency key when the body has no `message_id` (RapidPro's "
+            "webhooks carry none): a repeat is answered 200 with the first answer.",
+        ),
+    ] = None,
+) -> JSONResponse:
     body = await read_json(request, ChatPost)
     answer = await inbound.post_chat(
         core_of(request),
@@ -151,7 +173,7 @@ async def post_chat(request: Request, who: Caller, site: SiteSlug) -> JSONRespon
             chat_message=body.chat_message,
             chat_session=body.chat_session,
             chat_source=body.chat_source,
-            message_id=body.message_id,
+            message_id=body.message_id or idempotency_key,
             client_name=body.client_name,
             location=body.location,
             risk=body.risk,

@@ -113,6 +113,12 @@ class Site(BaseModel):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     hours: BusinessHours = Field(default_factory=BusinessHours)
     asterisk: AsteriskConfig | None = None  # optional: mirror presence into an Asterisk queue
+    # A handover that says no ``risk``: the chatbot hands over the cases it judges high-risk.
+    default_risk: Literal["low", "medium", "high"] = "high"
+    # RapidPro retries a webhook on a timeout without a message_id: a message with no message_id (nor
+    # Idempotency-Key) whose text equals its session's previous message within this many seconds is
+    # that message again (200, "duplicate": true, nothing stored). 0: every such message is stored.
+    dedupe_window_s: float = Field(30.0, ge=0)
 
     @field_validator("timezone")
     @classmethod

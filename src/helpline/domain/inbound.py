@@ -172,6 +172,9 @@ class _Writing:
         self.placed: list[Seen] = []  # each message row's conversation
         self.keys: list[dict[str, Any]] = []  # the idempotency rows
         self.created = False  # new conversations, flushed by the ORM before the messages
+        # By conversation id, its latest client message (text, when, the answer it got), for the
+        # dedupe window; the ones placed in this transaction replace those read.
+        self.previous: dict[str, tuple[str, float, dict[str, Any]]] = {}
 
     @classmethod
     async def read(cls, core: Core, tx: Tx, t: float, items: list[_Item]) -> _Writing:
@@ -192,7 +195,48 @@ class _Writing:
             .order_by(_C.id)  # one lock order for every writer
             .with_for_update()
         )
-        return cls(core, tx, t, firsts, {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows})
+        writing = cls(core, tx, t, firsts, {(r.chatbot_id, r.chat_session): dict(r._mapping) for r in rows})
+        await writing._read_previous(items)
+        return writing
+
+    async def _read_previous(self, items: list[_Item]) -> None:
+        """The latest client message of each conversation that a keyless item may repeat."""
+        ids = {
+            conv["id"]
+            for it in items
+            if it.key is None
+            and (conv := self.convs.get(it.chat)) is not None
+            and _dedupe_window(self.core, conv["site"]) > 0
+        }
+        if not ids:
+            return
+        conn = await self.tx.session.connection()
+        latest = (
+            select(_M.c.id)
+            .where(_M.c.conversation_id == _C.id, _M.c.direction == "in")
+            .order_by(_M.c.id.desc())
+            .limit(1)
+            .correlate(_CONVERSATIONS)
+            .scalar_subquery()
+        )
+        rows = await conn.execute(
+            select(
+                _M.c.conversation_id,
+                _M.c.uuid,
+                _M.c.external_id,
+                _M.c.text,
+                _M.c.status,
+                _M.c.created_at,
+                _C.chat_session,
+                _C.created_at.label("conversation_created_at"),
+            )
+            .join(_CONVERSATIONS, _C.id == _M.c.conversation_id)
+            .where(_M.c.id.in_(select(latest).where(_C.id.in_(sorted(ids))).scalar_subquery()))
+        )
+        for r in rows:
+            created = r.created_at == r.conversation_created_at  # the message that created the conversation
+            body = _body(r.chat_session, r.uuid, r.external_id, _delivery_of(r.status), created=created)
+            self.previous[r.conversation_id] = (r.text, r.created_at, body)
 
     async def place(self, item: _Item) -> Answer:
         """``item``'s answer; its rows are written by :meth:`write`. A :class:`DomainError` (a
@@ -205,8 +249,26 @@ class _Writing:
             site = _site_for(self.core, item)  # its checks, before anything is written
             return self._message(item, await self._create(item, site), created=True)
         _check_continues(conv, item)
+        repeat = self._repeat_of_previous(item, conv)
+        if repeat is not None:
+            return repeat
         self._refresh(conv, item.msg)
         return self._message(item, conv, created=False)
+
+    def _repeat_of_previous(self, item: _Item, conv: Seen) -> Answer | None:
+        """A keyless message that repeats its conversation's previous one within the site's dedupe
+        window (a RapidPro webhook retried after a timeout): the first answer, marked duplicate."""
+        if item.key is not None:
+            return None
+        previous = self.previous.get(conv["id"])
+        window = _dedupe_window(self.core, conv["site"])
+        if previous is None or window <= 0:
+            return None
+        text, at, body = previous
+        if text != item.msg.chat_message or self.t - at > window:
+            return None
+        log.info("inbound_duplicate", conversation_id=conv["id"])
+        return Answer(False, {**body, "duplicate": True})
 
     async def _create(self, item: _Item, site: Site) -> Seen:
         """``item``'s new conversation at ``site``: queued, told so (or ``out_of_hours``), hunted."""
@@ -247,14 +309,8 @@ class _Writing:
             "created_at": self.t,
             "status_at": self.t,
         }
-        body = {
-            "status": "success",
-            "uuid": row["uuid"],
-            "chat_session": msg.chat_session,
-            "message_id": row["external_id"],
-            "delivery": delivery,
-            "created": created,
-        }
+        body = _body(msg.chat_session, row["uuid"], row["external_id"], delivery, created=created)
+        self.previous[conv["id"]] = (msg.chat_message, self.t, body)
         self.messages.append(row)
         self.placed.append(conv)
         if item.key is not None:
@@ -291,6 +347,28 @@ class _Writing:
             await conn.execute(insert(_K), self.keys)
 
 
+def _body(chat_session: str, uuid_: str, message_id: str, delivery: str, *, created: bool) -> dict[str, Any]:
+    """The answer to a stored message (201; 200 with the same body to a repeat)."""
+    return {
+        "status": "success",
+        "uuid": uuid_,
+        "chat_session": chat_session,
+        "message_id": message_id,
+        "delivery": delivery,
+        "created": created,
+    }
+
+
+def _delivery_of(status: str) -> str:
+    """A client message's status as the answer's ``delivery`` (``queued``, ``delivered``, ``read``)."""
+    return status if status in ("queued", "delivered", "read") else "queued"
+
+
+def _dedupe_window(core: Core, slug: str) -> float:
+    site = core.sites.get(slug)
+    return site.dedupe_window_s if site is not None else 0.0
+
+
 def _site_for(core: Core, item: _Item) -> Site:
     """A new conversation's site: the path's, the ``location``'s, the chatbot's own, the default."""
     site = core.sites.choose(path_slug=item.path_site, location=item.msg.location, home=item.who.site)
@@ -311,7 +389,7 @@ def _check_continues(conv: Seen, item: _Item) -> None:
 def _new_conversation(item: _Item, site: Site, t: float) -> Conversation:
     """``item``'s chat as a conversation queued at ``site`` since ``t``, with what its first message says."""
     msg = item.msg
-    risk = msg.risk or Risk.LOW
+    risk = msg.risk or Risk(site.default_risk)  # the chatbot hands over the cases it judges high-risk
     return Conversation(
         id=str(uuid.uuid4()),
         site=site.slug,
