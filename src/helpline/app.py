@@ -1,11 +1,9 @@
-"""The ASGI application: routes, error handling and the background loops."""
+"""The ASGI application: routes, error handling, and the instance's background components."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -14,15 +12,10 @@ from helpline import console
 from helpline.api import cases, counselors, deps, errors, openapi, openchs, ops, supervisor, weni, ws
 from helpline.config.settings import Settings
 from helpline.config.sites import SiteRegistry
-from helpline.domain.retention import run_retention
-from helpline.routing.asterisk import AsteriskPresence
-from helpline.runtime import gcpolicy
 from helpline.runtime.core import Core
 from helpline.runtime.logs import install_redaction
-from helpline.store.checkpoint import WalCheckpointer
-from helpline.store.db import sqlite_path
 from helpline.store.migrate import upgrade
-from helpline.worker import Workers, cancel_all, start_listener
+from helpline.worker import Background
 
 CHATBOT_PREFIXES = ("/api", "/open/api", "/sites/{site}/api", "/sites/{site}/open/api")
 
@@ -38,36 +31,13 @@ def create_app(
         install_redaction()  # after uvicorn has configured its loggers
         core = Core(settings, sites)
         await upgrade(core.engine)
-        app.state.core = core
-        tasks: list[asyncio.Task[Any]] = []
-        wal = sqlite_path(settings.database_url)
-        if wal is not None:
-            tasks.append(asyncio.create_task(WalCheckpointer(wal).run(), name="wal-checkpoint"))
-        listener = await start_listener(core)
-        if listener is not None:
-            tasks.append(listener)
-        workers = Workers(core)
-        if run_workers:
-            workers.start()  # hunting and delivery, unless the settings leave them to other instances
-            phones = AsteriskPresence.for_core(core)  # sites with [site.asterisk]
-            if phones is not None:
-                core.presence_sink = phones
-                tasks.append(asyncio.create_task(phones.run(), name="asterisk"))
-            if settings.retention_days > 0:
-                tasks.append(asyncio.create_task(run_retention(core), name="retention"))
-        restore_gc: Callable[[], None] | None = None
-        if settings.gc_freeze:
-            gcpolicy.freeze()
-        if settings.gc_full_collection_s > 0:
-            restore_gc = gcpolicy.schedule_full_collections()
-            tasks.append(asyncio.create_task(gcpolicy.run_full_collections(settings.gc_full_collection_s), name="gc"))
+        app.state.core = core  # the HTTP side's core: Asterisk's presence sink is set on it
+        background = Background(core, loops=run_workers)  # the same components `helpline work` starts
         try:
+            await background.start()
             yield
         finally:
-            if restore_gc is not None:
-                restore_gc()
-            await workers.stop()
-            await cancel_all(tasks)
+            await background.stop()
             await core.close()
 
     app = FastAPI(
