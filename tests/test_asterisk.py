@@ -6,6 +6,7 @@ are made with an extension; their queue interface is ``PJSIP/<extension>``.
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -21,14 +22,16 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from conftest import PASSWORD, Env
+from conftest import PASSWORD, PG_URL, Env
 from helpline.config.sites import AsteriskConfig
 from helpline.domain import auth
 from helpline.routing.asterisk import AsteriskPresence, SiteLink, header
+from helpline.store.db import make_engine, make_sessionmaker
 from helpline.store.models import PhoneState, User
 from helpline.testing.fake_ami import FakeAMI, ReceivedAction
 from helpline.testing.fake_counselor import FakeCounselor
 from helpline.testing.fake_rapidpro import FakeRapidPro
+from helpline.testing.live import LiveWorker
 from support import holds_for, wait_until_sync
 
 QUEUE = "helpline-tz"
@@ -552,6 +555,69 @@ def test_a_pause_asterisk_refuses_is_logged_and_repaired_at_the_next_login(
     wait_phone(env, "amina", lambda s: s.paused and s.reason == "lunch", "paused in Asterisk")
     member = ami.member(QUEUE, "PJSIP/1001")
     assert member is not None and member.paused and member.reason == "lunch"
+
+
+# --------------------------------------------------------------------------- helpline work
+
+
+def stored_phone_state(database_url: str, username: str) -> PhoneState | None:
+    """The phone state in the store, read without a server."""
+
+    async def get() -> PhoneState | None:
+        engine = make_engine(database_url)
+        try:
+            async with make_sessionmaker(engine)() as s:
+                return await s.scalar(
+                    select(PhoneState).join(User, User.id == PhoneState.user_id).where(User.username == username)
+                )
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(get())
+
+
+@pytest.mark.skipif(not PG_URL, reason="helpline work runs beside the servers on PostgreSQL")
+def test_helpline_work_follows_asterisk_and_leaves_presence_changes_to_the_servers(
+    make_env: Callable[..., Env], ami: FakeAMI
+) -> None:
+    """`helpline work` runs the Asterisk adapter as `helpline serve` does (the sites have
+    [site.asterisk]), with a connection of its own. A presence change is made by a server, whose
+    adapter tells Asterisk at once: the worker does not tell it again. Asterisk's events reach the
+    store through the worker too, also while no server is up."""
+    env = phone_env(make_env, ami)
+    wait_synced(env)
+    amina = phone_counselor(env, "amina", "1001")
+    wait_phone(env, "amina", lambda s: s.member, "in the queue")
+    (server,) = {a.connection for a in ami.actions_named("QueueAdd")}
+    settings = env.server.settings.model_copy(update={"run_hunter": False, "run_outbox": False})
+
+    with structlog.testing.capture_logs() as logs, LiveWorker(settings, env.server.sites):
+        wait_until_sync(
+            lambda: any(e["event"] == "asterisk resynced" for e in logs), message="the worker's login and resync"
+        )
+        assert ami.logins == 2
+        worker = {a.connection for a in ami.actions} - {server}
+        # Amina is in the queue already: the worker's resync read it and had nothing to repair.
+        assert {a.name for a in ami.actions if a.connection in worker} <= {"Login", "QueueStatus", "Ping"}
+
+        start = len(ami.actions)
+        assert amina.presence("paused", "lunch").status_code == 200
+        ami.wait_for_action("QueuePause", after=start)
+        wait_phone(env, "amina", lambda s: s.paused and s.reason == "lunch", "paused in Asterisk")
+
+        def sent() -> list[tuple[str, int]]:
+            return [(a.name, a.connection) for a in ami.actions[start:] if a.name != "Ping"]
+
+        # The worker hears the change on the bus: it sends nothing of it.
+        holds_for(lambda: sent() == [("QueuePause", server)], 0.5, message=lambda: f"sent {sent()}")
+
+        env.server.stop()  # every server down (a restart): the worker still follows the phones
+        ami.set_device_state("PJSIP/1001", 2)
+        state = wait_until_sync(
+            lambda: (st := stored_phone_state(settings.database_url, "amina")) is not None and st.busy and st,
+            message="busy, stored by the worker",
+        )
+        assert state.status == 2 and state.paused
 
 
 # --------------------------------------------------------------------------- configuration and CLI

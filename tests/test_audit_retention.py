@@ -12,13 +12,14 @@ import pytest
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from conftest import Env, staff
+from conftest import PG_URL, Env, staff
 from helpline import cli
 from helpline.domain import retention
 from helpline.domain.outbox import PURGED_PAYLOAD
 from helpline.runtime.core import now
 from helpline.store.models import AuditEntry, Conversation, Message, OutboxEvent, Ticket
 from helpline.testing.fake_weni import FakeWeni
+from helpline.testing.live import LiveWorker
 from support import eventually
 from weni_support import start_weni, take_offer, weni_env
 
@@ -440,6 +441,31 @@ def test_background_purge(make_env: Callable[..., Env]) -> None:
         assert conversation(env, conv_id).purged_at is not None
 
     eventually(purged)
+    assert [m.text for m in messages(env, conv_id)] == [""]
+
+
+@pytest.mark.skipif(not PG_URL, reason="helpline work runs beside the servers on PostgreSQL")
+def test_helpline_work_purges_what_the_settings_say(make_env: Callable[..., Env]) -> None:
+    """`helpline work` starts the retention purge as `helpline serve` does: here the server keeps
+    everything (retention_days 0) and only the worker, with HELPLINE_RETENTION_DAYS=2, purges."""
+    env = make_env(offer_timeout_s=30.0)
+    bot = env.chatbot()
+    amina = env.counselor("amina", site="ke")
+    assert bot.send("wk-1", "siri", contact_urn="telegram:5006").status_code == 201
+    conv_id = take(env, amina)
+    assert amina.close(conv_id).status_code == 200
+    settled(env, conv_id)
+    backdate(env, conv_id, 3)
+    settings = env.server.settings.model_copy(
+        update={"retention_days": 2, "retention_interval_s": 0.2, "run_hunter": False, "run_outbox": False}
+    )
+
+    def purged() -> None:  # the conversation, then (in transactions of their own) its sent events
+        assert conversation(env, conv_id).purged_at is not None
+        assert {e.payload for e in events(env, conv_id)} == {PURGED_PAYLOAD}
+
+    with LiveWorker(settings, env.server.sites):
+        eventually(purged)
     assert [m.text for m in messages(env, conv_id)] == [""]
 
 

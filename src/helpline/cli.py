@@ -245,7 +245,7 @@ def serve(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     sites: Annotated[str | None, typer.Option(help="sites TOML file (default: $HELPLINE_SITES)")] = None,
 ) -> None:
-    """Run the HTTP/WebSocket server with its hunting and delivery loops."""
+    """Run the HTTP/WebSocket server and the background components (hunting, delivery, Asterisk, retention)."""
     import uvicorn
 
     from helpline.app import create_app
@@ -268,8 +268,8 @@ def serve(
 def work(
     sites: Annotated[str | None, typer.Option(help="sites TOML file (default: $HELPLINE_SITES)")] = None,
 ) -> None:
-    """Run the hunting and delivery loops without an HTTP server (PostgreSQL; HELPLINE_RUN_HUNTER and
-    HELPLINE_RUN_OUTBOX say which), beside `helpline serve` instances that leave them to it."""
+    """Run an instance's background components without an HTTP server (PostgreSQL), as `serve` does:
+    hunting and delivery (HELPLINE_RUN_HUNTER and HELPLINE_RUN_OUTBOX say which), Asterisk, retention."""
     import uvloop
 
     from helpline.worker import work as run

@@ -7,10 +7,11 @@ Events (``params`` values are strings, see delivery/outbox.py):
 - ``position`` every ``position_notice_s`` while waiting, only when the position changed;
 - ``out_of_hours`` instead of hunting while the site is closed: ``next_open`` (ISO 8601 in the
   site's time zone, empty if it never opens again), ``position``, ``site``;
-- ``overflow`` when the conversation moves to another site (routing/overflow.py): ``site`` (the new
-  site's name), ``position`` and ``estimated_wait_s`` there;
+- ``overflow`` when the conversation moves to another site (routing/overflow.py): ``position`` and
+  ``estimated_wait_s`` there, ``site`` (the new site's name);
 - ``assigned`` (domain/counselors.py) when a counselor reads the offer: ``counselor_name``.
 
+``queued``, ``position`` and ``overflow`` carry the same params, built by :func:`tell_position`.
 Every notice is written under the conversation's row lock, like every other event of the
 conversation, so the outbox keeps their order (a ``position`` never overtakes ``assigned``).
 What was last told is stored on the conversation: a restart (or another instance) neither repeats
@@ -132,26 +133,34 @@ def next_open_iso(site: Site, t: float) -> str:
     return "" if at is None else hours.local_iso(at, site.zone)
 
 
-async def tell_queued(
-    core: Core, tx: Tx, conv: Conversation, t: float, *, waits: Sequence[float] | None = None
+def tell_position(
+    core: Core, tx: Tx, conv: Conversation, event: str, t: float, position: int, waits: Sequence[float]
 ) -> None:
-    """``queued`` with the position and the estimated wait; position updates start from here."""
-    site = core.site(conv.site)
-    if waits is None:
-        position, waits = await position_and_waits(tx.session, conv)
-    else:
-        position = await position_of(tx.session, conv)
+    """``event`` (``queued``, ``position`` or ``overflow``) with where ``conv`` stands in its site's
+    queue: ``position``, ``estimated_wait_s`` (from ``waits``) and ``site`` (the site's name).
+    Position updates count from here."""
     enqueue_event(
         tx,
         contact_site(core, conv),
         conv,
-        "queued",
+        event,
         position=str(position),
         estimated_wait_s=str(estimate_wait(waits)),
-        site=site.name,
+        site=core.site(conv.site).name,
     )
     conv.notice_position = position
     conv.notice_at = t
+
+
+async def tell_queued(
+    core: Core, tx: Tx, conv: Conversation, t: float, *, waits: Sequence[float] | None = None
+) -> None:
+    """``queued`` with the position and the estimated wait; position updates start from here."""
+    if waits is None:
+        position, waits = await position_and_waits(tx.session, conv)
+    else:
+        position = await position_of(tx.session, conv)
+    tell_position(core, tx, conv, "queued", t, position, waits)
     conv.closed_notice_at = None
 
 
@@ -288,14 +297,4 @@ async def _position_pass(core: Core, site: Site, t: float, wake: Wake) -> None:
             position = due[conv.id]
             if conv.notice_position is None or conv.notice_position == position:
                 continue
-            enqueue_event(
-                tx,
-                contact_site(core, conv),
-                conv,
-                "position",
-                position=str(position),
-                estimated_wait_s=str(estimate_wait(waits)),
-                site=site.name,
-            )
-            conv.notice_position = position
-            conv.notice_at = t
+            tell_position(core, tx, conv, "position", t, position, waits)

@@ -55,67 +55,60 @@ async def overview(core: Core, who: Principal, *, site: str | None = None) -> di
     """Per site: the queue, the counselors, offers lapsed in the last hour, outbox and dead letters."""
     slugs = visible_sites(core, who, site)
     t = now()
-    per_site: dict[str, dict[str, Any]] = {}
-    async with core.sessionmaker() as s:
-        if slugs:
-            queue_rows = (
-                await s.execute(
-                    select(
-                        Conversation.site,
-                        Conversation.status,
-                        func.count(),
-                        func.min(Conversation.queued_at),
-                        func.sum(case((Conversation.risk == "high", 1), else_=0)),
-                    )
-                    .where(Conversation.site.in_(slugs), Conversation.status != ConversationStatus.CLOSED)
-                    .group_by(Conversation.site, Conversation.status)
-                )
-            ).all()
-            lapsed = dict(
-                (
-                    await s.execute(
-                        select(Offer.site, func.count())
-                        .where(
-                            Offer.site.in_(slugs),
-                            Offer.status == OfferStatus.TIMED_OUT,
-                            Offer.resolved_at >= t - LAPSED_WINDOW_S,
-                        )
-                        .group_by(Offer.site)
-                    )
-                ).all()
-            )
-            outbox_rows = (
-                await s.execute(
-                    select(OutboxEvent.site, OutboxEvent.status, func.count(), func.min(OutboxEvent.created_at))
-                    .where(OutboxEvent.site.in_(slugs), OutboxEvent.status.in_(("pending", "dead")))
-                    .group_by(OutboxEvent.site, OutboxEvent.status)
-                )
-            ).all()
-            counselors = await _counselors(s, slugs, t)
-        else:
-            queue_rows, lapsed, outbox_rows, counselors = [], {}, [], {}
-
-    for slug in slugs:
-        cfg = core.sites.get(slug)
-        per_site[slug] = {
-            "slug": slug,
-            "name": cfg.name if cfg else slug,
-            "max_chats_per_counselor": cfg.routing.max_chats_per_counselor if cfg else None,
-            "offer_timeout_s": cfg.routing.offer_timeout_s if cfg else None,
-            "queue": {
-                "waiting": 0,
-                "queued": 0,
-                "offered": 0,
-                "assigned": 0,
-                "high_risk_waiting": 0,
-                "longest_wait_s": None,
-            },
-            "counselors": counselors.get(slug, []),
-            "offers_lapsed_last_hour": int(lapsed.get(slug, 0)),
-            "outbox": {"pending": 0, "oldest_pending_age_s": None},
-            "dead_letters": 0,
+    per_site = {slug: _site_view(core, slug) for slug in slugs}
+    if slugs:
+        async with core.sessionmaker() as s:
+            await _count_queues(s, per_site, t)
+            await _count_lapsed_offers(s, per_site, t)
+            await _count_outbox(s, per_site, t)
+            for slug, people in (await _counselors(s, slugs, t)).items():
+                per_site[slug]["counselors"] = people
+    for entry in per_site.values():
+        people = entry["counselors"]
+        entry["counselors_summary"] = {
+            status: sum(1 for c in people if c["status"] == status) for status in ("available", "paused", "offline")
         }
-    for slug, status, count, oldest, high in queue_rows:
+    return {"generated_at": iso(t), "sites": [per_site[slug] for slug in slugs]}
+
+
+def _site_view(core: Core, slug: str) -> dict[str, Any]:
+    """A site's overview before anything is counted: an empty queue, nobody, nothing pending."""
+    cfg = core.sites.get(slug)
+    return {
+        "slug": slug,
+        "name": cfg.name if cfg else slug,
+        "max_chats_per_counselor": cfg.routing.max_chats_per_counselor if cfg else None,
+        "offer_timeout_s": cfg.routing.offer_timeout_s if cfg else None,
+        "queue": {
+            "waiting": 0,
+            "queued": 0,
+            "offered": 0,
+            "assigned": 0,
+            "high_risk_waiting": 0,
+            "longest_wait_s": None,
+        },
+        "counselors": [],
+        "offers_lapsed_last_hour": 0,
+        "outbox": {"pending": 0, "oldest_pending_age_s": None},
+        "dead_letters": 0,
+    }
+
+
+async def _count_queues(s: AsyncSession, per_site: dict[str, dict[str, Any]], t: float) -> None:
+    """Open conversations per status; of those waiting (queued or offered): how many are at high
+    risk, and the longest wait."""
+    rows = await s.execute(
+        select(
+            Conversation.site,
+            Conversation.status,
+            func.count(),
+            func.min(Conversation.queued_at),
+            func.sum(case((Conversation.risk == "high", 1), else_=0)),
+        )
+        .where(Conversation.site.in_(list(per_site)), Conversation.status != ConversationStatus.CLOSED)
+        .group_by(Conversation.site, Conversation.status)
+    )
+    for slug, status, count, oldest, high in rows.all():
         q = per_site[slug]["queue"]
         q[status] = int(count)
         if status in WAITING:
@@ -124,17 +117,34 @@ async def overview(core: Core, who: Principal, *, site: str | None = None) -> di
             age = _age(t, oldest)
             if age is not None and (q["longest_wait_s"] is None or age > q["longest_wait_s"]):
                 q["longest_wait_s"] = age
-    for slug, status, count, oldest in outbox_rows:
+
+
+async def _count_lapsed_offers(s: AsyncSession, per_site: dict[str, dict[str, Any]], t: float) -> None:
+    rows = await s.execute(
+        select(Offer.site, func.count())
+        .where(
+            Offer.site.in_(list(per_site)),
+            Offer.status == OfferStatus.TIMED_OUT,
+            Offer.resolved_at >= t - LAPSED_WINDOW_S,
+        )
+        .group_by(Offer.site)
+    )
+    for slug, count in rows.all():
+        per_site[slug]["offers_lapsed_last_hour"] = int(count)
+
+
+async def _count_outbox(s: AsyncSession, per_site: dict[str, dict[str, Any]], t: float) -> None:
+    """Pending events (and the oldest one's age) and dead letters."""
+    rows = await s.execute(
+        select(OutboxEvent.site, OutboxEvent.status, func.count(), func.min(OutboxEvent.created_at))
+        .where(OutboxEvent.site.in_(list(per_site)), OutboxEvent.status.in_(("pending", "dead")))
+        .group_by(OutboxEvent.site, OutboxEvent.status)
+    )
+    for slug, status, count, oldest in rows.all():
         if status == "pending":
             per_site[slug]["outbox"] = {"pending": int(count), "oldest_pending_age_s": _age(t, oldest)}
         else:
             per_site[slug]["dead_letters"] = int(count)
-    for entry in per_site.values():
-        people = entry["counselors"]
-        entry["counselors_summary"] = {
-            status: sum(1 for c in people if c["status"] == status) for status in ("available", "paused", "offline")
-        }
-    return {"generated_at": iso(t), "sites": [per_site[slug] for slug in slugs]}
 
 
 async def _counselors(s: AsyncSession, slugs: list[str], t: float) -> dict[str, list[dict[str, Any]]]:

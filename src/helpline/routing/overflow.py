@@ -25,7 +25,6 @@ from sqlalchemy import func, select
 from helpline.config import hours
 from helpline.config.sites import Site, SiteRegistry
 from helpline.domain import notices
-from helpline.domain.outbox import contact_site, enqueue_event
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation
 from helpline.runtime.core import Core, Tx
 from helpline.store.models import Agent, Conversation, Offer
@@ -112,17 +111,7 @@ async def move(core: Core, tx: Tx, conv: Conversation, target: Site, t: float) -
     conv.overflow_depth = (conv.overflow_depth or 0) + 1
     notices.enter_queue(conv, target, t)
     position, waits = await notices.position_and_waits(tx.session, conv)
-    enqueue_event(
-        tx,
-        contact_site(core, conv),
-        conv,
-        "overflow",
-        site=target.name,
-        position=str(position),
-        estimated_wait_s=str(notices.estimate_wait(waits)),
-    )
-    conv.notice_position = position
-    conv.notice_at = t
+    notices.tell_position(core, tx, conv, "overflow", t, position, waits)  # of the new site
     tx.notify_site(source, "queue_changed", conversation_id=conv.id)
     tx.notify_site(target.slug, "queue_changed", conversation_id=conv.id)
     tx.wake_hunter = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from helpline.config.settings import Settings
 from helpline.config.sites import SiteRegistry
 from helpline.domain.auth import Principal, Role, create_user
 from helpline.runtime.core import Core
+from helpline.worker import work
 
 T = TypeVar("T")
 
@@ -106,3 +108,57 @@ class LiveServer:
                 extension=extension,
             )
         )
+
+
+class LiveWorker:
+    """``helpline work`` (PostgreSQL) in a background thread, on its own event loop, until :meth:`stop`."""
+
+    def __init__(self, settings: Settings, sites: SiteRegistry) -> None:
+        self.settings = settings
+        self.sites = sites
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+
+    def start(self, timeout: float = 30.0) -> LiveWorker:
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await work(self.settings, self.sites, self._stop)
+
+        def thread() -> None:
+            try:
+                asyncio.run(run())
+            except BaseException as exc:  # raised again by stop()
+                self._error = exc
+            finally:
+                self._ready.set()
+
+        self._thread = threading.Thread(target=thread, name="helpline-worker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._error is not None:
+            raise RuntimeError("helpline worker did not start") from self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Set the worker's stop event (as SIGTERM does) and wait until it has stopped."""
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has closed already: it stopped on its own
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RuntimeError("helpline worker did not stop")
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> LiveWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
