@@ -10,6 +10,7 @@ from sqlalchemy import Integer, Row, String, bindparam, func, or_, select
 
 from helpline.config import hours
 from helpline.domain import attachments, audit, notices, tickets
+from helpline.domain.access import visible_conversation
 from helpline.domain.auth import STAFF, Principal, Role
 from helpline.domain.conversations import close_conversation
 from helpline.domain.errors import Conflict, Invalid, NotFound
@@ -226,20 +227,8 @@ async def _messages(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
     return [message_view(m, counselor_name=name) for m, name in await _message_rows(tx, conversation_id)]
 
 
-async def _visible_conversation(tx: Tx, who: Principal, conversation_id: str, *, lock: bool = False) -> Conversation:
-    """A counselor sees the conversations assigned to them; a supervisor those of their site."""
-    conv = await tx.session.get(Conversation, conversation_id, with_for_update=lock)
-    if conv is None:
-        raise NotFound(f"no conversation {conversation_id}")
-    if who.role == Role.COUNSELOR and conv.counselor_id != who.id:
-        raise NotFound(f"no conversation {conversation_id}")
-    if who.role == Role.SUPERVISOR and not who.may_use_site(conv.site):
-        raise NotFound(f"no conversation {conversation_id}")
-    return conv
-
-
 async def _assigned_to_me(tx: Tx, who: Principal, conversation_id: str) -> Conversation:
-    conv = await _visible_conversation(tx, who, conversation_id, lock=True)
+    conv = await visible_conversation(tx, who, conversation_id, lock=True)
     if conv.status == ConversationStatus.CLOSED:
         raise Conflict("the conversation is closed")
     if conv.counselor_id != who.id:
@@ -270,7 +259,7 @@ async def conversation_messages(
     """The conversation and its messages (audited)."""
     who.require_role(*STAFF)
     async with core.tx() as tx:
-        conv = await _visible_conversation(tx, who, conversation_id)
+        conv = await visible_conversation(tx, who, conversation_id)
         audit.record(tx, who, audit.Action.READ_MESSAGES, conversation_id=conv.id, site=conv.site, address=address)
         return {"conversation": conversation_view(conv), "results": await _messages(tx, conv.id)}
 
@@ -337,7 +326,7 @@ async def close(
 ) -> dict[str, Any]:
     who.require_role(*STAFF)
     async with core.tx() as tx:
-        conv = await _visible_conversation(tx, who, conversation_id, lock=True)
+        conv = await visible_conversation(tx, who, conversation_id, lock=True)
         if conv.status == ConversationStatus.CLOSED:
             return {"conversation": conversation_view(conv), "already_closed": True}
         if who.role == Role.COUNSELOR and conv.counselor_id != who.id:

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from helpline.config.sites import Site
 from helpline.delivery.weni import SOURCE, Webhook, rfc3339, webhook_base_url
 from helpline.domain import attachments as att
+from helpline.domain.access import visible_conversation
 from helpline.domain.auth import ALL_SITES, STAFF, Principal, Role, require_chatbot
 from helpline.domain.conversations import close_conversation
 from helpline.domain.errors import Conflict, Invalid, NotFound
@@ -637,13 +638,7 @@ async def reopen_by_counselor(core: Core, who: Principal, conversation_id: str) 
     """
     who.require_role(*STAFF)
     async with core.tx() as tx:
-        conv = await tx.session.get(Conversation, conversation_id, with_for_update=True)
-        if conv is None:
-            raise NotFound(f"no conversation {conversation_id}")
-        if who.role == Role.COUNSELOR and conv.counselor_id != who.id:
-            raise NotFound(f"no conversation {conversation_id}")
-        if who.role == Role.SUPERVISOR and not who.may_use_site(conv.site):
-            raise NotFound(f"no conversation {conversation_id}")
+        conv = await visible_conversation(tx, who, conversation_id, lock=True)
         ticket = await ticket_for(tx, conv)
         if ticket is None:
             raise ReopenNotSupported("only a Weni ticket can be reopened")
