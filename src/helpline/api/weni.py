@@ -3,7 +3,7 @@
 HTTP only: the bodies of the contract, its headers (``Authorization: Bearer``, ``X-API-Version``,
 ``Idempotency-Key``, ``X-Request-Id``) and its error body, ``{"error": "<snake_case>", "message",
 "details"}``, which every error under ``/v1`` gets (the OpenCHS-style API keeps its own). The rules
-live in :mod:`helpline.domain.tickets`.
+live in :mod:`helpline.domain.weni`.
 
 Also here: ``POST /api/conversations/<id>/reopen/``, a counselor reopening a Weni ticket.
 """
@@ -31,8 +31,8 @@ from helpline.api.errors import responses as api_responses
 from helpline.api.openchs import URN_RE, UUID_RE, path_site
 from helpline.api.schemas import ConversationReopened, answer
 from helpline.domain import errors as d
-from helpline.domain import tickets
 from helpline.domain.auth import Principal
+from helpline.domain.weni import agent, requests, tickets
 
 log = structlog.get_logger("helpline.api.weni")
 
@@ -414,23 +414,23 @@ async def api_version(request: Request) -> None:
         )
 
 
-async def request_keys(request: Request) -> tickets.RequestKeys:
+async def request_keys(request: Request) -> requests.RequestKeys:
     idem = request.headers.get("idempotency-key")
     req = request.headers.get("x-request-id")
     for name, value in (("Idempotency-Key", idem), ("X-Request-Id", req)):
         if value is not None and (not value.strip() or len(value) > KEY_MAX):
             raise WeniError(400, "invalid_header", f"{name} must be 1..{KEY_MAX} characters")
-    return tickets.RequestKeys(idempotency_key=idem or None, request_id=req or None)
+    return requests.RequestKeys(idempotency_key=idem or None, request_id=req or None)
 
 
 Caller = Annotated[Principal, Depends(principal)]
 SiteSlug = Annotated[str | None, Depends(path_site)]
-Keys = Annotated[tickets.RequestKeys, Depends(request_keys)]
+Keys = Annotated[requests.RequestKeys, Depends(request_keys)]
 
 router = APIRouter(tags=["weni ticketer"], dependencies=[Depends(api_version)])
 
 
-def _answer(a: tickets.Answer) -> JSONResponse:
+def _answer(a: requests.Answer) -> JSONResponse:
     return JSONResponse(a.body, status_code=a.status)
 
 
@@ -549,4 +549,4 @@ agent_router = APIRouter(tags=["counselor"])
     summary="Reopen a closed Weni ticket (Weni is told); 422 for other conversations",
 )
 async def reopen_conversation(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
-    return await tickets.reopen_by_counselor(core_of(request), who, conversation_id)
+    return await agent.reopen_by_counselor(core_of(request), who, conversation_id)

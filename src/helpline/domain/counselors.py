@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Integer, Row, String, bindparam, func, or_, select
 
 from helpline.config import hours
-from helpline.domain import attachments, audit, notices, tickets
+from helpline.domain import attachments, audit, notices
 from helpline.domain.access import visible_conversation
 from helpline.domain.auth import STAFF, Principal, Role
 from helpline.domain.conversations import close_conversation
@@ -18,6 +18,7 @@ from helpline.domain.offers import lock_conversation_of, make_offer, requeue_uno
 from helpline.domain.outbox import contact_site, enqueue_event, enqueue_message
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
 from helpline.domain.views import conversation_view, iso, message_view, offer_view
+from helpline.domain.weni import agent as weni
 from helpline.runtime import metrics
 from helpline.runtime.core import Core, Tx, now
 from helpline.runtime.presence import PresenceChange, tell_sink
@@ -269,10 +270,10 @@ async def reply(
 ) -> dict[str, Any]:
     """Reply to the client; ``files`` (attachments, URL references) only on a Weni ticket."""
     who.require_role(*STAFF)
-    files = tickets.check_reply_attachments(core, files) if files else []
+    files = weni.check_reply_attachments(core, files) if files else []
     async with core.tx() as tx:
         conv = await _assigned_to_me(tx, who, conversation_id)
-        ticket = await tickets.ticket_for(tx, conv)
+        ticket = await weni.ticket_for(tx, conv)
         if files and ticket is None:
             raise Invalid("attachments can only be sent on a Weni ticket", fields={"attachments": ["not supported"]})
         t = now()
@@ -291,7 +292,7 @@ async def reply(
         tx.session.add(m)
         await tx.session.flush()
         if ticket is not None:
-            tickets.agent_message(core, tx, conv, ticket, m, who)
+            weni.agent_message(core, tx, conv, ticket, m, who)
         else:
             enqueue_message(tx, contact_site(core, conv), conv, m, who.name)
         metrics.MESSAGES_OUT.labels(conv.site).inc()
@@ -334,9 +335,9 @@ async def close(
         await close_conversation(core, tx, conv, by="counselor", reason=reason or "resolved")
         audit.record(tx, who, audit.Action.CLOSE, conversation_id=conv.id, site=conv.site, address=address)
         site = contact_site(core, conv)  # its RapidPro, also after a transfer
-        ticket = await tickets.ticket_for(tx, conv)
+        ticket = await weni.ticket_for(tx, conv)
         if ticket is not None:
-            tickets.agent_close(core, tx, conv, ticket, who, reason)
+            weni.agent_close(core, tx, conv, ticket, who, reason)
         else:
             enqueue_event(tx, site, conv, "closed", counselor_name=who.name, status=reason or "resolved")
         return {"conversation": conversation_view(conv), "already_closed": False}
