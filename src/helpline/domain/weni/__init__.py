@@ -19,7 +19,8 @@ The package, by concern:
 
 * :mod:`.tickets` — Weni -> helpline: open, message, close, reopen, history;
 * :mod:`.requests` — a repeated request answered from the first answer (``TicketRequest``);
-* :mod:`.agent` — helpline -> Weni: the counselor's replies, closes and reopens, as signed webhooks
-  through the outbox;
+* :mod:`.webhooks` — helpline -> Weni: the bodies of the webhooks a counselor's reply, close and
+  reopen become (:mod:`helpline.domain.outbox` decides a conversation is Weni's and queues them);
+* :mod:`.agent` — a counselor reopening a ticket (the one counselor call only a ticket has);
 * :mod:`.errors` — the contract's error codes.
 """
