@@ -14,7 +14,7 @@ conversation (RapidPro's and Weni's events of one conversation share that order)
 What a counselor does goes to whichever it is — :func:`counselor_message`,
 :func:`conversation_closed`, :func:`conversation_reopened` — and the callers never look at the
 channel themselves. The other events are notices (:func:`enqueue_event`: ``ack``, ``queued``,
-``assigned``, ``position``, ``out_of_hours``, ``overflow``, ``fallback`` …), which RapidPro's flow
+``assigned``, ``position``, ``out_of_hours``, ``overflow``), which RapidPro's flow
 shows the contact, and they follow one named rule:
 
 **Weni tickets get no RapidPro notices** (:func:`gets_notices`). Weni's ticketer contract carries
