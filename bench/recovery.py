@@ -10,8 +10,9 @@
    take minutes at today's speed): ``--conversations`` assigned conversations, then
    ``--events`` counselor messages (``messages`` rows, ``pending``) and their outbox rows
    (``event=message``, payload built by ``helpline.delivery.rapidpro.build_flow_start`` exactly
-   as ``enqueue_message`` builds it), interleaved over the conversations, inserted in chunks
-   while the server runs: its worker keeps trying the head of each conversation and backs off.
+   as ``domain.outbox.counselor_message`` builds it), interleaved over the conversations,
+   inserted in chunks while the server runs: its worker keeps trying the head of each
+   conversation and backs off.
 4. After ``--outage`` more seconds, the fake comes back on the same port. Measured: time to
    the first accepted event, the last new one, and the drain rate (events / (last - return));
    the CPU the server used per event, the fake's per request, and how busy the whole machine was

@@ -85,7 +85,6 @@ def include_routes(app: FastAPI) -> None:
     app.include_router(counselors.router, prefix="/api")
     app.include_router(supervisor.router, prefix="/api")
     app.include_router(cases.router, prefix="/api")
-    app.include_router(weni.agent_router, prefix="/api")
     for prefix in ("/v1", "/sites/{site}/v1"):
         app.include_router(weni.router, prefix=prefix, include_in_schema=prefix == "/v1")
     console.install(app)

@@ -11,10 +11,12 @@ from helpline.api.cases import client_address
 from helpline.api.deps import RowId, body_doc, core_of, principal, read_json
 from helpline.api.errors import responses
 from helpline.api.schemas import (
+    AttachmentIn,
     ConversationClosed,
     ConversationList,
     ConversationMessages,
     ConversationMoved,
+    ConversationReopened,
     MessagesRead,
     MessageView,
     MeView,
@@ -24,9 +26,9 @@ from helpline.api.schemas import (
     PresenceView,
     answer,
 )
-from helpline.api.weni import AttachmentIn
 from helpline.domain import counselors as cs
 from helpline.domain.auth import Principal
+from helpline.domain.weni import agent as weni_agent
 
 Caller = Annotated[Principal, Depends(principal)]
 router = APIRouter(tags=["counselor"])
@@ -199,3 +201,16 @@ async def transfer(request: Request, who: Caller, conversation_id: str) -> dict[
         site=body.site,
         address=client_address(request),
     )
+
+
+@router.post(
+    "/conversations/{conversation_id}/reopen/",
+    response_model=None,
+    responses={
+        **answer(ConversationReopened, "queued again, or mine again (a counselor); or open already"),
+        **responses(401, 403, 404, 409, 422, 503),
+    },
+    summary="Reopen a closed Weni ticket (Weni is told); 422 for other conversations",
+)
+async def reopen_conversation(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
+    return await weni_agent.reopen_by_counselor(core_of(request), who, conversation_id)

@@ -1,16 +1,19 @@
-"""The bodies of successful answers, for ``/openapi.json`` only.
+"""Schemas shared by the routes: the bodies of successful answers, and request bodies two interfaces take.
 
-Routes document them with ``response_model=None, responses=answer(Model, ...)``: they return the
-domain's views (``helpline.domain.views``) as they are, nothing is filtered or re-validated on the
-way out. Keys a view has beyond these are allowed (no ``additionalProperties: false``); the fuzz
-tests check every answer against these schemas.
+Answers are for ``/openapi.json`` only. Routes document them with ``response_model=None,
+responses=answer(Model, ...)``: they return the domain's views (``helpline.domain.views``) as they
+are, nothing is filtered or re-validated on the way out. Keys a view has beyond these are allowed
+(no ``additionalProperties: false``); the fuzz tests check every answer against these schemas.
+
+Request bodies (validated): :class:`AttachmentIn`, the URL reference Weni sends on a contact's
+message (``api/weni.py``) and a counselor sends on a reply to a Weni ticket (``api/counselors.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from helpline.domain.audit import Action
 from helpline.domain.states import Risk
@@ -19,6 +22,18 @@ ConversationState = Literal["queued", "offered", "assigned", "closed"]
 InDelivery = Literal["queued", "delivered", "read"]  # a client's message
 OutDelivery = Literal["pending", "sent", "delivered", "read", "failed"]  # a counselor's
 OfferState = Literal["pending", "read", "timed_out", "declined", "withdrawn"]
+
+
+class AttachmentIn(BaseModel):
+    # An attachment as a URL reference (helpline never stores the file). No docstring: it would
+    # become the schema's description in /openapi.json.
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = Field(None, max_length=128)
+    url: StrictStr = Field(pattern=r"^https?://\S+$", max_length=2048)
+    content_type: StrictStr | None = Field(None, max_length=255)
+    filename: StrictStr | None = Field(None, max_length=255)
+    size: StrictInt | None = Field(None, ge=0)
+    metadata: dict[str, Any] | None = None
 
 
 def answer(model: type[BaseModel], description: str, status: int = 200) -> dict[int | str, dict[str, Any]]:

@@ -3,9 +3,8 @@
 HTTP only: the bodies of the contract, its headers (``Authorization: Bearer``, ``X-API-Version``,
 ``Idempotency-Key``, ``X-Request-Id``) and its error body, ``{"error": "<snake_case>", "message",
 "details"}``, which every error under ``/v1`` gets (the OpenCHS-style API keeps its own). The rules
-live in :mod:`helpline.domain.tickets`.
-
-Also here: ``POST /api/conversations/<id>/reopen/``, a counselor reopening a Weni ticket.
+live in :mod:`helpline.domain.weni`. (A counselor reopening a ticket is a counselor route:
+``api/counselors.py``.)
 """
 
 from __future__ import annotations
@@ -21,18 +20,17 @@ import structlog
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from helpline.api.deps import body_doc, core_of, nul_field, principal
 from helpline.api.errors import STATUS, ApiError
-from helpline.api.errors import responses as api_responses
 from helpline.api.openchs import URN_RE, UUID_RE, path_site
-from helpline.api.schemas import ConversationReopened, answer
+from helpline.api.schemas import AttachmentIn
 from helpline.domain import errors as d
-from helpline.domain import tickets
 from helpline.domain.auth import Principal
+from helpline.domain.weni import requests, tickets
 
 log = structlog.get_logger("helpline.api.weni")
 
@@ -195,15 +193,6 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="ignore")
-
-
-class AttachmentIn(Strict):
-    id: StrictStr | None = Field(None, max_length=128)
-    url: StrictStr = Field(pattern=r"^https?://\S+$", max_length=2048)
-    content_type: StrictStr | None = Field(None, max_length=255)
-    filename: StrictStr | None = Field(None, max_length=255)
-    size: StrictInt | None = Field(None, ge=0)
-    metadata: dict[str, Any] | None = None
 
 
 class ContactIn(Strict):
@@ -414,23 +403,23 @@ async def api_version(request: Request) -> None:
         )
 
 
-async def request_keys(request: Request) -> tickets.RequestKeys:
+async def request_keys(request: Request) -> requests.RequestKeys:
     idem = request.headers.get("idempotency-key")
     req = request.headers.get("x-request-id")
     for name, value in (("Idempotency-Key", idem), ("X-Request-Id", req)):
         if value is not None and (not value.strip() or len(value) > KEY_MAX):
             raise WeniError(400, "invalid_header", f"{name} must be 1..{KEY_MAX} characters")
-    return tickets.RequestKeys(idempotency_key=idem or None, request_id=req or None)
+    return requests.RequestKeys(idempotency_key=idem or None, request_id=req or None)
 
 
 Caller = Annotated[Principal, Depends(principal)]
 SiteSlug = Annotated[str | None, Depends(path_site)]
-Keys = Annotated[tickets.RequestKeys, Depends(request_keys)]
+Keys = Annotated[requests.RequestKeys, Depends(request_keys)]
 
 router = APIRouter(tags=["weni ticketer"], dependencies=[Depends(api_version)])
 
 
-def _answer(a: tickets.Answer) -> JSONResponse:
+def _answer(a: requests.Answer) -> JSONResponse:
     return JSONResponse(a.body, status_code=a.status)
 
 
@@ -532,21 +521,3 @@ async def history(request: Request, who: Caller, site: SiteSlug, keys: Keys, ext
         for m in body.messages
     ]
     return _answer(await tickets.add_history(core_of(request), who, external_id, messages, keys, path_site=site))
-
-
-# --------------------------------------------------------------------------- counselor side
-
-agent_router = APIRouter(tags=["counselor"])
-
-
-@agent_router.post(
-    "/conversations/{conversation_id}/reopen/",
-    response_model=None,
-    responses={
-        **answer(ConversationReopened, "queued again, or mine again (a counselor); or open already"),
-        **api_responses(401, 403, 404, 409, 422, 503),
-    },
-    summary="Reopen a closed Weni ticket (Weni is told); 422 for other conversations",
-)
-async def reopen_conversation(request: Request, who: Caller, conversation_id: str) -> dict[str, Any]:
-    return await tickets.reopen_by_counselor(core_of(request), who, conversation_id)

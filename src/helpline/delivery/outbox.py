@@ -27,7 +27,7 @@ from helpline.delivery.rapidpro import (
     backoff_delay,
 )
 from helpline.delivery.weni import WeniClient
-from helpline.runtime import metrics
+from helpline.runtime import message_status, metrics
 from helpline.runtime.core import Core, Tx, now
 from helpline.runtime.logs import short_reason
 from helpline.store.models import Message, OutboxEvent
@@ -514,11 +514,10 @@ async def _update_message_status(tx: Tx, *, sent: list[int], failed: list[int], 
     if failed:
         changed += (await tx.session.execute(_MESSAGES_FAILED, {"ids": sorted(set(failed)), "t": t})).all()
     for row in sorted(changed, key=lambda r: r.id):
-        if row.counselor_id is not None:
-            tx.notify(
-                row.counselor_id,
-                "message_status",
-                conversation_id=row.conversation_id,
-                message_id=row.external_id,
-                status=row.status,
-            )
+        message_status.announce(
+            tx,
+            counselor_id=row.counselor_id,
+            conversation_id=row.conversation_id,
+            message_id=row.external_id,
+            status=row.status,
+        )

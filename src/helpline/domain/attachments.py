@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from helpline.config.settings import Settings
 from helpline.domain.errors import Invalid
 
 MAX_ATTACHMENTS = 10
@@ -112,3 +113,12 @@ def loads(stored: str | None) -> list[dict[str, Any]]:
         return []
     value = json.loads(stored)
     return [dict(v) for v in value] if isinstance(value, list) else []
+
+
+def from_counselor(items: Sequence[Mapping[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    """A counselor's attachments, checked against the size limit and the allowed content types."""
+    return normalize(
+        items,
+        max_bytes=settings.attachment_max_bytes,
+        allowed_types=patterns(settings.attachment_content_types),
+    )

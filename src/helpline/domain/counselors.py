@@ -9,12 +9,12 @@ from typing import Any
 from sqlalchemy import Integer, Row, String, bindparam, func, or_, select
 
 from helpline.config import hours
-from helpline.domain import attachments, audit, notices, tickets
+from helpline.domain import attachments, audit, notices, outbox
+from helpline.domain.access import visible_conversation
 from helpline.domain.auth import STAFF, Principal, Role
 from helpline.domain.conversations import close_conversation
 from helpline.domain.errors import Conflict, Invalid, NotFound
 from helpline.domain.offers import lock_conversation_of, make_offer, requeue_unoffered
-from helpline.domain.outbox import contact_site, enqueue_event, enqueue_message
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation, move_offer
 from helpline.domain.views import conversation_view, iso, message_view, offer_view
 from helpline.runtime import metrics
@@ -181,14 +181,14 @@ async def read_offer(core: Core, who: Principal, offer_id: int, *, address: str 
             o.status = move_offer(o.status, OfferStatus.WITHDRAWN)
             o.resolved_at = t
             tx.notify(o.counselor_id, "offer_withdrawn", offer_id=o.id, conversation_id=conv.id, reason="taken")
-        site = contact_site(core, conv)  # its RapidPro, also after a transfer
+        site = outbox.contact_site(core, conv)  # its RapidPro, also after a transfer
         metrics.QUEUE_WAIT.labels(conv.site).observe(max(0.0, t - conv.created_at))
-        enqueue_event(tx, site, conv, "assigned", counselor_name=who.name)
+        outbox.enqueue_event(tx, site, conv, "assigned", counselor_name=who.name)
         rows = await _message_rows(tx, conv.id)  # the whole conversation, for the answer
         for m in sorted((m for m, _ in rows if m.direction == "in" and m.status == "queued"), key=lambda m: m.id):
             m.status = "delivered"
             m.status_at = t
-            enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="delivered")
+            outbox.enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="delivered")
         tx.notify_site(conv.site, "queue_changed", conversation_id=conv.id)
         audit.record(tx, who, audit.Action.READ_OFFER, conversation_id=conv.id, site=conv.site, address=address)
         messages = [message_view(m, counselor_name=name) for m, name in rows]
@@ -226,20 +226,8 @@ async def _messages(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
     return [message_view(m, counselor_name=name) for m, name in await _message_rows(tx, conversation_id)]
 
 
-async def _visible_conversation(tx: Tx, who: Principal, conversation_id: str, *, lock: bool = False) -> Conversation:
-    """A counselor sees the conversations assigned to them; a supervisor those of their site."""
-    conv = await tx.session.get(Conversation, conversation_id, with_for_update=lock)
-    if conv is None:
-        raise NotFound(f"no conversation {conversation_id}")
-    if who.role == Role.COUNSELOR and conv.counselor_id != who.id:
-        raise NotFound(f"no conversation {conversation_id}")
-    if who.role == Role.SUPERVISOR and not who.may_use_site(conv.site):
-        raise NotFound(f"no conversation {conversation_id}")
-    return conv
-
-
 async def _assigned_to_me(tx: Tx, who: Principal, conversation_id: str) -> Conversation:
-    conv = await _visible_conversation(tx, who, conversation_id, lock=True)
+    conv = await visible_conversation(tx, who, conversation_id, lock=True)
     if conv.status == ConversationStatus.CLOSED:
         raise Conflict("the conversation is closed")
     if conv.counselor_id != who.id:
@@ -270,7 +258,7 @@ async def conversation_messages(
     """The conversation and its messages (audited)."""
     who.require_role(*STAFF)
     async with core.tx() as tx:
-        conv = await _visible_conversation(tx, who, conversation_id)
+        conv = await visible_conversation(tx, who, conversation_id)
         audit.record(tx, who, audit.Action.READ_MESSAGES, conversation_id=conv.id, site=conv.site, address=address)
         return {"conversation": conversation_view(conv), "results": await _messages(tx, conv.id)}
 
@@ -280,12 +268,9 @@ async def reply(
 ) -> dict[str, Any]:
     """Reply to the client; ``files`` (attachments, URL references) only on a Weni ticket."""
     who.require_role(*STAFF)
-    files = tickets.check_reply_attachments(core, files) if files else []
+    files = attachments.from_counselor(files, core.settings) if files else []
     async with core.tx() as tx:
         conv = await _assigned_to_me(tx, who, conversation_id)
-        ticket = await tickets.ticket_for(tx, conv)
-        if files and ticket is None:
-            raise Invalid("attachments can only be sent on a Weni ticket", fields={"attachments": ["not supported"]})
         t = now()
         m = Message(
             uuid=str(uuid.uuid4()),
@@ -301,10 +286,7 @@ async def reply(
         )
         tx.session.add(m)
         await tx.session.flush()
-        if ticket is not None:
-            tickets.agent_message(core, tx, conv, ticket, m, who)
-        else:
-            enqueue_message(tx, contact_site(core, conv), conv, m, who.name)
+        await outbox.counselor_message(core, tx, conv, m, who)  # to RapidPro or Weni
         metrics.MESSAGES_OUT.labels(conv.site).inc()
         view = message_view(m, counselor_name=who.name)
         tx.notify(who.id, "message", message=view)
@@ -324,11 +306,11 @@ async def mark_read(core: Core, who: Principal, conversation_id: str) -> dict[st
             )
         ).all()
         t = now()
-        site = contact_site(core, conv)  # its RapidPro, also after a transfer
+        site = outbox.contact_site(core, conv)  # its RapidPro, also after a transfer
         for m in unread:
             m.status = "read"
             m.status_at = t
-            enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="read")
+            outbox.enqueue_event(tx, site, conv, "ack", message_id=m.external_id, status="read")
         return {"conversation_id": conv.id, "read": [m.external_id for m in unread]}
 
 
@@ -337,19 +319,14 @@ async def close(
 ) -> dict[str, Any]:
     who.require_role(*STAFF)
     async with core.tx() as tx:
-        conv = await _visible_conversation(tx, who, conversation_id, lock=True)
+        conv = await visible_conversation(tx, who, conversation_id, lock=True)
         if conv.status == ConversationStatus.CLOSED:
             return {"conversation": conversation_view(conv), "already_closed": True}
         if who.role == Role.COUNSELOR and conv.counselor_id != who.id:
             raise Conflict("the conversation is not assigned to you")
         await close_conversation(core, tx, conv, by="counselor", reason=reason or "resolved")
         audit.record(tx, who, audit.Action.CLOSE, conversation_id=conv.id, site=conv.site, address=address)
-        site = contact_site(core, conv)  # its RapidPro, also after a transfer
-        ticket = await tickets.ticket_for(tx, conv)
-        if ticket is not None:
-            tickets.agent_close(core, tx, conv, ticket, who, reason)
-        else:
-            enqueue_event(tx, site, conv, "closed", counselor_name=who.name, status=reason or "resolved")
+        await outbox.conversation_closed(core, tx, conv, who, reason)  # to RapidPro or Weni
         return {"conversation": conversation_view(conv), "already_closed": False}
 
 
