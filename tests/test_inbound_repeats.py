@@ -122,3 +122,11 @@ def test_the_idempotency_key_header_is_the_message_id(make_env: Callable[..., En
     assert len(bot.stored(WEBHOOK_BODY["chat_session"])) == 3
     bad = bot.post(WEBHOOK_BODY, **{"Idempotency-Key": "x" * 129})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error", bad.text
+
+
+def test_a_chat_cannot_pose_as_a_weni_ticket(make_env: Callable[..., Env]) -> None:
+    """Its counselor's replies would go to a ticket that does not exist: refused, not lost later."""
+    bot = Bot(make_env())
+    r = bot.post({**WEBHOOK_BODY, "chat_source": "weni-ticketer"})
+    assert r.status_code == 422 and "chat_source" in r.json()["error"]["fields"], r.text
+    assert bot.chatbot.chats().json()["results"] == []

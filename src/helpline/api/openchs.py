@@ -6,11 +6,21 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictStr, ValidationError, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from helpline.api.deps import body_doc, core_of, inline_defs, principal, read_body, read_json, token_from_header
 from helpline.api.errors import ApiError, responses
 from helpline.api.schemas import ChatAcked, ChatClosed, ChatList, ChatMessages, answer
+from helpline.delivery.weni import SOURCE as WENI_SOURCE
 from helpline.domain import conversations as convs
 from helpline.domain import inbound
 from helpline.domain.auth import Principal, issue_token, revoke_token
@@ -59,13 +69,24 @@ class ChatPost(BaseModel):
     chat_receiver: ClientId | None = None
     chat_message: StrictStr = Field(min_length=1, max_length=4096)
     chat_session: StrictStr = Field(pattern=SESSION_RE)
-    chat_source: StrictStr = Field(min_length=1, max_length=64)
+    chat_source: StrictStr = Field(
+        min_length=1, max_length=64, description=f"e.g. WENI; not {WENI_SOURCE!r} (Weni tickets' own, /v1/tickets)"
+    )
     message_id: StrictStr | None = Field(None, min_length=1, max_length=128)
     client_name: StrictStr | None = Field(None, max_length=150)
     location: StrictStr | None = Field(None, pattern=r"^[A-Za-z]{2}$")
     risk: Risk | None = None
     contact_urn: StrictStr | None = Field(None, pattern=URN_RE, max_length=255)
     contact_uuid: StrictStr | None = Field(None, pattern=UUID_RE)
+
+    @field_validator("chat_source")
+    @classmethod
+    def _not_a_ticket(cls, value: str) -> str:
+        # A conversation of that source is reached through a Weni ticket's webhooks, and one made here
+        # has no ticket: the counselor's replies would go nowhere.
+        if value == WENI_SOURCE:
+            raise ValueError(f"{WENI_SOURCE!r} is reserved for Weni tickets (POST /v1/tickets)")
+        return value
 
 
 class ChatAnswer(BaseModel):

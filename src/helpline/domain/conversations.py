@@ -15,6 +15,7 @@ from helpline.domain.auth import Principal, require_chatbot
 from helpline.domain.errors import Invalid, NotFound
 from helpline.domain.states import ConversationStatus, OfferStatus, move_conversation
 from helpline.domain.views import conversation_view, iso, message_view
+from helpline.runtime import message_status
 from helpline.runtime.core import Core, Tx, now
 from helpline.store.models import Agent, Conversation, Message, Offer, User
 
@@ -123,16 +124,7 @@ async def ack_message(
         else:
             changed = _OUT_RANK.get(status, 0) > _OUT_RANK.get(m.status, 0)
         if changed:
-            m.status = status
-            m.status_at = now()
-            if m.counselor_id is not None:
-                tx.notify(
-                    m.counselor_id,
-                    "message_status",
-                    conversation_id=conv.id,
-                    message_id=m.external_id,
-                    status=status,
-                )
+            message_status.set_status(tx, m, status)
         return {"status": "success", "chat_session": chat_session, "message_id": message_id, "delivery": m.status}
 
 

@@ -21,6 +21,7 @@ from helpline.domain.errors import Conflict, Invalid, NotFound
 from helpline.domain.outbox import PURGED_PAYLOAD, replay_dead
 from helpline.domain.states import ConversationStatus, OfferStatus
 from helpline.domain.views import iso
+from helpline.runtime import message_status
 from helpline.runtime.core import Core, now
 from helpline.store.models import Agent, Conversation, Message, Offer, OutboxEvent, User
 
@@ -246,16 +247,7 @@ async def replay(core: Core, who: Principal, outbox_id: int, *, address: str | N
         if ev.message_ref is not None:
             msg = await tx.session.get(Message, ev.message_ref, with_for_update=True)
             if msg is not None and msg.status == "failed":
-                msg.status = "pending"
-                msg.status_at = now()
-                if msg.counselor_id is not None:
-                    tx.notify(
-                        msg.counselor_id,
-                        "message_status",
-                        conversation_id=msg.conversation_id,
-                        message_id=msg.external_id,
-                        status="pending",
-                    )
+                message_status.set_status(tx, msg, "pending")
         site = ev.site
     if not await replay_dead(core, outbox_id):
         raise Conflict(f"outbox event {outbox_id} is no longer a dead letter")

@@ -6,10 +6,8 @@ A change of it goes through here, so the WebSocket event has one shape and one s
 under the rules because the outbox worker (``delivery``, which may not import them) changes
 statuses too: in bulk, with a conditional ``UPDATE … RETURNING``, announcing each row that changed
 with :func:`announce`; the rules change one message at a time with :func:`set_status`.
-
-Not yet switched over (their modules are being reworked elsewhere): the chatbot's ack
-(``domain.conversations.ack_message``) and a dead letter's replay (``domain.supervision``) still
-write the same event by hand.
+The chatbot's ack (``domain.conversations.ack_message``) and a dead letter's replay
+(``domain.supervision``) use :func:`set_status`.
 """
 
 from __future__ import annotations
