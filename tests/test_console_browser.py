@@ -421,3 +421,34 @@ def test_pages_turn_away_the_wrong_accounts(make_env: Callable[..., Env], page: 
     sign_in(page, "amina")
     expect(page.locator("#login-note")).to_contain_text("This page is for supervisors")
     assert page.evaluate("sessionStorage.getItem('helpline.token')") is None
+
+
+def test_a_shared_location_shows_as_a_map_link(make_env: Callable[..., Env], page: Page) -> None:
+    """A child on WhatsApp shares their location: Weni forwards geo:LAT,LON; the counselor gets a map link."""
+    from weni_support import start_weni, weni_env
+
+    for weni in start_weni():
+        env = weni_env(make_env, weni, offer_timeout_s=60.0)
+        env.user("amina", "counselor", site="ke", name="Amina")
+        ticket, r = weni.open_ticket(name="Kid 9", topic="ke")
+        assert ticket is not None and r.status == 201, r.body
+        body = {
+            "ticket_id": ticket.uuid,
+            "external_id": ticket.external_id,
+            "message_id": str(uuid.uuid4()),
+            "direction": "incoming",
+            "sender": {"type": "contact", "id": ticket.contact_uuid},
+            "text": "I am here",
+            "attachments": [{"url": "geo:-2.9,-79.0", "content_type": "geo"}],
+            "sent_at": "2026-05-20T14:32:00Z",
+        }
+        sent = weni.call(f"/v1/tickets/{ticket.external_id}/messages", body, retry=False)
+        assert sent.status == 200, sent.body
+
+        page.goto(env.url + "/console/")
+        sign_in(page, "amina")
+        page.get_by_role("button", name="Join queue").click()
+        page.locator(".offer-card").get_by_role("button", name=re.compile("Read")).click()
+        link = page.get_by_role("link", name="Location -2.9, -79.0")
+        expect(link).to_be_visible()
+        assert link.get_attribute("href") == "https://www.openstreetmap.org/?mlat=-2.9&mlon=-79.0#map=15/-2.9/-79.0"

@@ -198,8 +198,8 @@ def test_messages_close_reopen_history(make_env: Callable[..., Env], weni: FakeW
     )
     status, body = post(weni, f"{path}/messages", msg(external_id="other"))
     assert (status, body["error"]) == (400, "invalid_payload")
-    status, body = post(weni, f"{path}/messages", msg(direction="outgoing"))
-    assert (status, body["error"], list(body["details"]["fields"])) == (400, "invalid_payload", ["direction"])
+    status, body = post(weni, f"{path}/messages", msg(direction="outgoing"))  # the contact's, outgoing?
+    assert (status, body["error"]) == (422, "unsupported_sender"), body
     assert post(weni, "/v1/tickets/nope/messages", msg(external_id="nope")) == (
         404,
         {"error": "ticket_not_found", "message": "Ticket nope was not found", "details": {"external_id": "nope"}},
@@ -274,3 +274,49 @@ def test_tickets_of_another_project_are_not_found(make_env: Callable[..., Env], 
         assert (r.status, r.body["error"]) == (403, "forbidden")
     finally:
         other.shutdown()
+
+
+def test_mailroom_history_one_by_one_and_a_shared_location(make_env: Callable[..., Env], weni: FakeWeni) -> None:
+    """mailroom's history_mode one_by_one posts the bot's earlier messages to /messages, outgoing, sender
+    bot (history.go; sendHistoryOneByOne takes any status >= 400 as an error); a location comes as
+    RapidPro writes it, geo:LAT,LON. Both are stored, neither loses the message (issue 15)."""
+    env = weni_env(make_env, weni)
+    ticket = opened(weni)
+    ext = str(ticket.external_id)
+
+    def body(direction: str, sender: str, text: str | None, **more: Any) -> dict[str, Any]:
+        return {
+            "ticket_id": ticket.uuid,
+            "external_id": ext,
+            "message_id": str(uuid.uuid4()),
+            "direction": direction,
+            "sender": {"type": sender, "id": "bot" if sender == "bot" else ticket.contact_uuid},
+            "text": text,
+            "sent_at": "2026-05-20T14:31:00Z",
+        } | more
+
+    bot_lines = [body("outgoing", "bot", "Hi! I am the helpline bot."), body("outgoing", "bot", "Are you safe?")]
+    for line in bot_lines:
+        status, answer = post(weni, f"/v1/tickets/{ext}/messages", line)
+        assert status == 200 and answer["status"] == "received" and answer["message_external_id"], answer
+    again = post(weni, f"/v1/tickets/{ext}/messages", bot_lines[0])  # mailroom retried it
+    assert again[0] == 200
+    stored = [(m.direction, m.sender, m.text, m.status) for m in messages(env, ext)]
+    assert stored == [
+        ("out", "bot", "Hi! I am the helpline bot.", "sent"),
+        ("out", "bot", "Are you safe?", "sent"),
+    ]
+    # Never sent again: history is the past, not the counselor's words.
+    assert not [s for s in weni.received if "Are you safe?" in str(s)]
+
+    location = {"url": "geo:-2.9,-79.0", "content_type": "geo"}
+    status, answer = post(
+        weni, f"/v1/tickets/{ext}/messages", body("incoming", "contact", "I am here", attachments=[location])
+    )
+    assert status == 200, answer
+    last = messages(env, ext)[-1]
+    assert last.text == "I am here" and "geo:-2.9,-79.0" in str(last.attachments)
+    status, answer = post(
+        weni, f"/v1/tickets/{ext}/messages", body("incoming", "contact", "and this", attachments=[{"url": "ftp://x/y"}])
+    )
+    assert (status, answer["error"]) == (400, "invalid_payload") and "attachments.0.url" in answer["details"]["fields"]

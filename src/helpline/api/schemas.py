@@ -29,7 +29,11 @@ class AttachmentIn(BaseModel):
     # become the schema's description in /openapi.json.
     model_config = ConfigDict(extra="ignore")
     id: StrictStr | None = Field(None, max_length=128)
-    url: StrictStr = Field(pattern=r"^https?://\S+$", max_length=2048)
+    url: StrictStr = Field(
+        pattern=r"^(https?://\S+|geo:-?\d{1,2}(\.\d+)?,-?\d{1,3}(\.\d+)?([,;]\S*)?)$",
+        max_length=2048,
+        description="an http(s) URL, or a shared location as geo:LAT,LON (RFC 5870)",
+    )
     content_type: StrictStr | None = Field(None, max_length=255)
     filename: StrictStr | None = Field(None, max_length=255)
     size: StrictInt | None = Field(None, ge=0)

@@ -244,7 +244,8 @@ class MessageIn(Strict):
     ticket_id: StrictStr = Field(min_length=1, max_length=64)
     external_id: StrictStr = Field(min_length=1, max_length=64)
     message_id: StrictStr | None = Field(None, min_length=1, max_length=128)
-    direction: Literal["incoming"]
+    # "outgoing": the bot's earlier messages, one by one (mailroom's history_mode one_by_one).
+    direction: Literal["incoming", "outgoing"]
     sender: SenderIn
     text: StrictStr | None = Field(None, max_length=TEXT_MAX)
     attachments: list[AttachmentIn] = Field(default_factory=list)
@@ -455,13 +456,15 @@ async def open_ticket(request: Request, who: Caller, site: SiteSlug, keys: Keys)
     response_model=ReceivedOut,
     openapi_extra=body_doc(MessageIn),
     responses=responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
-    summary="A message from the contact",
+    summary="A message from the contact (or, outgoing, the bot's history one by one)",
 )
 async def message(request: Request, who: Caller, site: SiteSlug, keys: Keys, external_id: str) -> JSONResponse:
     body: MessageIn = await _read(request, MessageIn)
     _same_ticket(external_id, body.external_id)
     if not (body.text or "").strip() and not body.attachments:
         raise WeniError(400, "empty_message", "text or attachments are required")
+    if body.direction == "outgoing":
+        return await _bot_message(request, who, site, keys, external_id, body)
     data = tickets.MessageIn(
         ticket_id=body.ticket_id,
         message_id=body.message_id,
@@ -470,6 +473,30 @@ async def message(request: Request, who: Caller, site: SiteSlug, keys: Keys, ext
         sent_at=_epoch(body.sent_at),
     )
     return _answer(await tickets.add_message(core_of(request), who, external_id, data, keys, path_site=site))
+
+
+async def _bot_message(
+    request: Request, who: Principal, site: str | None, keys: requests.RequestKeys, external_id: str, body: MessageIn
+) -> JSONResponse:
+    """An outgoing message here is the conversation before the ticket, sent one by one (mailroom's
+    ``history_mode = one_by_one``): stored as ``/history`` stores it. A counselor's replies come from
+    helpline, so an outgoing message from an agent or the contact is refused."""
+    if body.sender.type not in ("bot", "system"):
+        raise WeniError(
+            422,
+            "unsupported_sender",
+            f"an outgoing message here is the bot's history: sender.type bot or system, not {body.sender.type!r}",
+        )
+    message = tickets.HistoryMessageIn(
+        message_id=body.message_id,
+        direction="outgoing",
+        sender_type=body.sender.type,
+        text=body.text or "",
+        attachments=_attachments(body.attachments),
+        sent_at=_epoch(body.sent_at),
+    )
+    await tickets.add_history(core_of(request), who, external_id, [message], keys, path_site=site)
+    return JSONResponse({"message_external_id": tickets.history_id(message), "status": "received"})
 
 
 @router.post(

@@ -38,6 +38,19 @@ def patterns(value: str) -> list[str]:
     return [p.strip().lower() for p in value.split(",") if p.strip()]
 
 
+GEO = re.compile(r"^geo:-?\d{1,2}(\.\d+)?,-?\d{1,3}(\.\d+)?([,;]\S*)?$")
+"""A shared location as RapidPro writes it (RFC 5870): ``geo:-2.9,-79.0``."""
+
+
+def is_location(url: str) -> bool:
+    return GEO.match(url) is not None
+
+
+def _is_web(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
 def type_allowed(content_type: str, allowed: Iterable[str]) -> bool:
     major = content_type.split("/", 1)[0]
     return any(p in ("*", "*/*", content_type) or p == f"{major}/*" for p in allowed)
@@ -62,18 +75,20 @@ def normalize(
     for i, item in enumerate(items):
         where = f"attachments.{i}"
         url = item.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc or len(str(url)) > URL_MAX:
+        if not (isinstance(url, str) and len(url) <= URL_MAX and (is_location(url) or _is_web(url))):
+            scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+            got = f" ({scheme}: is not one)" if scheme and scheme not in ("http", "https", "geo") else ""
             raise AttachmentError(
                 "invalid_attachment",
-                f"attachment {i}: the url must be an http(s) URL of at most {URL_MAX} characters",
-                fields={f"{where}.url": ["an http(s) URL"]},
+                f"attachment {i}: the url must be an http(s) URL or a geo: location of at most "
+                f"{URL_MAX} characters{got}",
+                fields={f"{where}.url": ["an http(s) URL or geo:LAT,LON"]},
             )
         clean: dict[str, Any] = {k: item[k] for k in _KEYS if item.get(k) is not None}
         ctype = clean.get("content_type")
         if ctype is not None:
             ctype = str(ctype).split(";", 1)[0].strip().lower()
-            if not _MIME_RE.match(ctype):
+            if not _MIME_RE.match(ctype) and not (ctype == "geo" and is_location(url)):  # RapidPro's location
                 raise AttachmentError(
                     "invalid_attachment",
                     f"attachment {i}: {clean['content_type']!r} is not a content type",

@@ -701,6 +701,28 @@ function renderHint() {
   $("hint-text").textContent = text;
 }
 
+// Attachments are URL references: a shared location (geo:LAT,LON, RFC 5870) opens a map, a file its URL.
+const GEO = /^geo:(-?\d{1,2}(?:\.\d+)?),(-?\d{1,3}(?:\.\d+)?)/;
+
+function attachmentLinks(items) {
+  if (!items || !items.length) return null;
+  return el(
+    "ul",
+    { class: "attachments" },
+    items.map((a) => {
+      const geo = GEO.exec(a.url || "");
+      if (geo) {
+        const [lat, lon] = [geo[1], geo[2]];
+        const map = `https://www.openstreetmap.org/?mlat=${lat}&mlon=${lon}#map=15/${lat}/${lon}`;
+        return el("li", {}, el("a", { href: map, target: "_blank", rel: "noopener" }, `Location ${lat}, ${lon}`));
+      }
+      if (!/^https?:\/\//.test(a.url || "")) return null;
+      const name = a.filename || a.url.split("/").pop() || "attachment";
+      return el("li", {}, el("a", { href: a.url, target: "_blank", rel: "noopener noreferrer" }, name));
+    }),
+  );
+}
+
 function messageNode(entry, m) {
   const mine = m.direction === "out";
   const who = mine ? m.counselor_name || "You" : entry.conv.client_name;
@@ -708,7 +730,7 @@ function messageNode(entry, m) {
     "div",
     { class: `msg ${mine ? "out" : "in"}`, dataset: { id: m.id, messageId: m.message_id, status: m.status } },
     el("span", { class: "sr-only" }, `${mine ? "You" : who} said: `),
-    el("div", { class: "bubble" }, m.text),
+    el("div", { class: "bubble", dir: "auto" }, m.text, attachmentLinks(m.attachments)),
     el(
       "div",
       { class: "msg-meta" },

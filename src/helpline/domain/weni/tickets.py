@@ -406,7 +406,7 @@ async def add_history(
     return await once_more_on_conflict(lambda: _add_history(core, who, external_id, messages, keys, path_site))
 
 
-def _history_id(m: HistoryMessageIn) -> str:
+def history_id(m: HistoryMessageIn) -> str:
     if m.message_id:
         return m.message_id
     urls = ",".join(str(a.get("url")) for a in m.attachments)
@@ -429,7 +429,7 @@ async def _add_history(
         if first is not None:
             return first
         _ticket_row, conv = await _ticket(tx, who, external_id, path_site)
-        ids = [_history_id(m) for m in messages]
+        ids = [history_id(m) for m in messages]
         known = set(
             (
                 await s.scalars(
