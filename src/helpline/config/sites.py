@@ -101,6 +101,59 @@ class RoutingConfig(BaseModel):
         return self
 
 
+class SafetyConfig(BaseModel):
+    """The safety net (domain/safety.py): nobody waits unanswered without someone knowing.
+
+    Besides the fields, ``fallback_text_<lang>`` keys give the fallback in other languages
+    (``fallback_text_sw = "..."``); ``{emergency_numbers}`` in a fallback text is replaced by the
+    numbers, comma-separated.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    max_wait_s: float = Field(120.0, ge=0)  # still queued after this: one fallback + an alert (0: off)
+    max_wait_high_s: float = Field(60.0, ge=0)  # the same for risk high (0: off)
+    reply_within_s: float = Field(180.0, ge=0)  # the child waits for a reply: nudge at 1x, alert at 2x (0: off)
+    emergency_numbers: list[str] = Field(default_factory=lambda: ["116"])
+    fallback_text: str = Field(
+        "We are sorry you are still waiting. A counselor will answer you as soon as possible. "
+        "If you are in danger now, call {emergency_numbers}.",
+        min_length=1,
+        max_length=640,
+    )
+    language: str = Field("en", pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")  # the site's default language
+    alert_webhook: str | None = Field(None, pattern=r"^https?://")  # alerts POSTed here (signed, via the outbox)
+    alert_webhook_secret: str = Field("", repr=False)
+    alert_webhook_secret_env: str | None = None
+
+    @model_validator(mode="after")
+    def _extras(self) -> SafetyConfig:
+        for key, value in (self.model_extra or {}).items():
+            if not key.startswith("fallback_text_") or len(key) <= len("fallback_text_"):
+                raise ValueError(f"unknown setting {key!r} (only fallback_text_<language> may be added)")
+            if not isinstance(value, str) or not 0 < len(value) <= 640:
+                raise ValueError(f"{key} must be a text of 1 to 640 characters")
+        if not self.alert_webhook_secret and self.alert_webhook_secret_env:
+            object.__setattr__(self, "alert_webhook_secret", os.environ.get(self.alert_webhook_secret_env, ""))
+        return self
+
+    def max_wait_for(self, risk: str) -> float:
+        """Seconds a conversation of ``risk`` may wait in the queue (0: no limit)."""
+        return self.max_wait_high_s if risk == "high" else self.max_wait_s
+
+    def fallback_for(self, language: str | None) -> str:
+        """The fallback text in ``language`` (``sw``, or ``sw-KE`` falling back to ``sw``), else the default."""
+        extra = self.model_extra or {}
+        for lang in [language, language.split("-")[0]] if language else []:
+            text = extra.get(f"fallback_text_{lang.lower()}")
+            if isinstance(text, str):
+                return self._fill(text)
+        return self._fill(self.fallback_text)
+
+    def _fill(self, text: str) -> str:
+        return text.replace("{emergency_numbers}", ", ".join(self.emergency_numbers))
+
+
 class Site(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,6 +165,7 @@ class Site(BaseModel):
     rapidpro: RapidProConfig
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     hours: BusinessHours = Field(default_factory=BusinessHours)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
     asterisk: AsteriskConfig | None = None  # optional: mirror presence into an Asterisk queue
     # A handover that says no ``risk``: the chatbot hands over the cases it judges high-risk.
     default_risk: Literal["low", "medium", "high"] = "high"

@@ -67,6 +67,8 @@ class Conversation(Base):
         # (routing.presence): from this index alone, not 10,000 table rows at scale.
         Index("ix_conversations_site_status_counselor", "site", "status", "counselor_id"),
         Index("ix_conversations_purge", "purged_at", "closed_at"),
+        Index("ix_conversations_wait_due", "wait_due"),
+        Index("ix_conversations_reply_due", "reply_due"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid
@@ -100,6 +102,14 @@ class Conversation(Base):
     closed_notice_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # told out_of_hours, not reopened
     # Set by the retention purge (domain/retention.py): texts emptied, client identifiers pseudonymised.
     purged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The safety net (domain/safety.py). The conversation's language (POST /api/chat/ ``language``;
+    # NULL: the site's), the deadlines its timers fire at (NULL: no timer runs) and what they did.
+    language: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    wait_due: Mapped[float | None] = mapped_column(Float, nullable=True)  # max wait runs out: fallback + alert
+    fallback_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # when the fallback was sent
+    awaiting_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # child waits for a reply since
+    reply_due: Mapped[float | None] = mapped_column(Float, nullable=True)  # reply timer: nudge, then alert
+    reply_stage: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0 none, 1 nudged, 2 alerted
 
 
 class Message(Base):
@@ -313,3 +323,50 @@ class SeenSignature(Base):
 
     key: Mapped[str] = mapped_column(String(200), primary_key=True)  # "<account id>:<64 hex digest>"
     expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Alert(Base):
+    """Something a supervisor must know (domain/safety.py): raised once per cause, resolved by itself
+    when the cause ends, acknowledged by a supervisor."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index("ix_alerts_site_raised", "site", "raised_at"),
+        Index("ix_alerts_site_status", "site", "status"),
+        Index("ix_alerts_conversation", "conversation_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(24))  # waiting_too_long | unanswered | no_counselors | delivery_failed
+    cause: Mapped[str] = mapped_column(String(120))  # "waiting_too_long:<conversation id>", "no_counselors:<site>"...
+    # The cause while the alert is unresolved (NULL once resolved): unique, so that every instance
+    # raising the same cause at once makes one alert.
+    open_cause: Mapped[str | None] = mapped_column(String(120), nullable=True, unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # open | acknowledged | resolved
+    conversation_id: Mapped[str | None] = mapped_column(String(36), nullable=True)  # no FK: outlives a purge
+    counselor_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    risk: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON: waited_s, reason, case...
+    raised_at: Mapped[float] = mapped_column(Float)
+    acked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    acked_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    acked_by_name: Mapped[str | None] = mapped_column(String(150), nullable=True)
+    resolved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Whisper(Base):
+    """A supervisor's note to a conversation's counselor: shown to counselors and supervisors only,
+    never sent to RapidPro or Weni, never in the chatbot's view of the conversation."""
+
+    __tablename__ = "whispers"
+    __table_args__ = (Index("ix_whispers_conversation", "conversation_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    site: Mapped[str] = mapped_column(String(32))
+    author_id: Mapped[int] = mapped_column(Integer)
+    author_name: Mapped[str] = mapped_column(String(150))
+    counselor_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # who it was for
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
